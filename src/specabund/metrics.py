@@ -5,6 +5,8 @@ All functions ignore pairs where either value is NaN and return NaN when no pair
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 #: Default SNR bin edges (g-band SNR): <20, 20-50, 50-100, >100.
@@ -55,7 +57,7 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 def snr_bin_labels(edges: tuple[float, ...] | list[float] = DEFAULT_SNR_BINS) -> list[str]:
     """Human-readable names of SNR bins, e.g. ``'<20', '20-50', '>100'``."""
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         if lo <= 0:
             out.append(f"<{hi:g}")
         elif not np.isfinite(hi):

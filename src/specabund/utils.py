@@ -7,7 +7,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,13 +37,61 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[I
         raise
 
 
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
+    return {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": tuple(shape),
+    }
+
+
+class NpzWriter:
+    """Write an uncompressed ``.npz`` deterministically, optionally streaming arrays chunk by chunk.
+
+    Zip entries get a fixed time stamp, so the same arrays always give the same bytes, and an array can be
+    written from an iterator of row blocks without holding it in memory. Object arrays are refused
+    (the file must load with ``allow_pickle=False``).
+    """
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._zf = zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def add_array(self, name: str, arr: Any) -> None:
+        arr = np.asarray(arr)
+        self.add_chunks(name, arr.shape, arr.dtype, [arr])
+
+    def add_chunks(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: Iterable[np.ndarray]) -> None:
+        dtype = np.dtype(dtype)
+        if dtype.hasobject:
+            raise TypeError(f"array {name!r} has dtype object; npz files must load without pickle")
+        info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_STORED
+        written = 0
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) else dtype.itemsize
+        with self._zf.open(info, "w", force_zip64=True) as out:
+            np.lib.format.write_array_header_2_0(out, _npy_header(shape, dtype))
+            for chunk in chunks:
+                c = np.ascontiguousarray(chunk, dtype=dtype)
+                out.write(c.tobytes())
+                written += c.nbytes
+        expected = row_bytes * (shape[0] if len(shape) else 1)
+        if written != expected:
+            raise ValueError(f"array {name!r}: wrote {written} bytes, shape {shape} needs {expected}")
+
+    def close(self) -> None:
+        self._zf.close()
+
+
 def atomic_savez(path: str | Path, **arrays: Any) -> None:
-    """Write an uncompressed ``.npz`` atomically. Object arrays are refused (no pickle)."""
+    """Write an uncompressed ``.npz`` atomically and deterministically. Object arrays are refused."""
     for key, arr in arrays.items():
         if np.asarray(arr).dtype == object:
             raise TypeError(f"array {key!r} has dtype object; npz files must load without pickle")
     with atomic_write(path, "wb") as fh:
-        np.savez(fh, **arrays)
+        w = NpzWriter(fh)
+        for key, arr in arrays.items():
+            w.add_array(key, arr)
+        w.close()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

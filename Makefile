@@ -1,0 +1,39 @@
+# specabund developer commands.
+#   make test   ruff + the test suite (what CI runs)
+#   make demo   simulate -> preprocess -> ... end to end on simulated data, in ./demo
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo
+DEMO_N ?= 600
+
+.PHONY: venv test lint demo bench clean
+
+$(BIN)/specabund:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "torch>=2.3,<=2.13"
+	$(BIN)/pip install -e ".[dev]"
+
+venv: $(BIN)/specabund
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: venv
+	$(BIN)/specabund --workdir $(DEMO_DIR) simulate --n $(DEMO_N) --output-dir sim --seed 1
+	$(BIN)/specabund --workdir $(DEMO_DIR) preprocess --reference-csv $(DEMO_DIR)/sim/X_FE.csv \
+		--prediction-csv $(DEMO_DIR)/sim/galah_X_FE.csv --fits-dir sim/fits --output-dir processed_data
+	@echo "demo outputs under $(DEMO_DIR)/ (processed_data/, plots/preprocessing/, logs/)"
+
+bench: venv
+	$(BIN)/python benchmarks/read_fits.py
+	$(BIN)/python benchmarks/simulate.py
+	$(BIN)/python benchmarks/preprocess.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

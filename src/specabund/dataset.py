@@ -1,0 +1,190 @@
+"""The preprocessed dataset format (``*_dataset.npz``) shared by every stage.
+
+An ``.npz`` written by :func:`save_dataset` loads with plain ``numpy.load`` (no pickle) and holds:
+
+``X`` (N, P) float32
+    continuum-normalised flux on the common grid.
+``ivar`` (N, P) float32
+    inverse variance of ``X`` (0 = no data).
+``wavelength`` (P,) float64
+    rest-frame vacuum wavelength grid in Angstrom.
+``y`` (N, L) float32
+    labels, NaN when missing; column ``j`` is ``elements[j]``.
+``elements`` (L,) str
+    label names in ``C_FE`` form; may include ``TEFF``, ``LOGG``, ``FE_H``.
+``filenames``, ``obsid``, ``spec`` (N,) str
+    FITS file name, LAMOST obsid (empty string when unknown) and the catalogue's ``spec`` key.
+``teff``, ``logg``, ``fe_h``, ``snr`` (N,) float32
+    stellar parameters from the catalogue (NaN when absent) and g-band SNR.
+``split`` (N,) int8
+    0 train, 1 validation, 2 test, -1 not split (prediction data).
+``group`` (N,) str
+    star identifier: spectra of one star share it (kept in one split).
+``preprocess_hash`` () str
+    hash of the preprocessing configuration that produced the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataMismatchError, SpecabundError
+from .utils import atomic_savez
+
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "none": -1}
+
+
+@dataclass
+class Dataset:
+    """In-memory form of a ``*_dataset.npz`` file (see module docstring)."""
+
+    X: np.ndarray
+    ivar: np.ndarray
+    wavelength: np.ndarray
+    y: np.ndarray
+    elements: list[str]
+    filenames: np.ndarray
+    obsid: np.ndarray
+    spec: np.ndarray
+    teff: np.ndarray
+    logg: np.ndarray
+    fe_h: np.ndarray
+    snr: np.ndarray
+    split: np.ndarray
+    group: np.ndarray
+    preprocess_hash: str = ""
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.X)
+        if self.X.ndim != 2:
+            raise DataMismatchError(f"X must be 2-D, got shape {self.X.shape}")
+        if self.ivar.shape != self.X.shape:
+            raise DataMismatchError(f"ivar shape {self.ivar.shape} != X shape {self.X.shape}")
+        if len(self.wavelength) != self.X.shape[1]:
+            raise DataMismatchError(f"wavelength has {len(self.wavelength)} pixels, X has {self.X.shape[1]}")
+        if self.y.shape != (n, len(self.elements)):
+            raise DataMismatchError(f"y shape {self.y.shape} != ({n}, {len(self.elements)})")
+        for name in ("filenames", "obsid", "spec", "teff", "logg", "fe_h", "snr", "split", "group"):
+            if len(getattr(self, name)) != n:
+                raise DataMismatchError(f"{name} has length {len(getattr(self, name))}, X has {n}")
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    @property
+    def n_pixels(self) -> int:
+        return self.X.shape[1]
+
+    def label_index(self, name: str) -> int:
+        try:
+            return self.elements.index(name)
+        except ValueError:
+            raise DataMismatchError(f"label {name!r} not in dataset labels {self.elements}") from None
+
+    def subset(self, index: np.ndarray) -> Dataset:
+        """A new dataset with the rows ``index`` (boolean mask or integer indices)."""
+        kw: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in {"wavelength", "elements", "preprocess_hash"}:
+                kw[f.name] = v
+            elif f.name == "extra":
+                kw[f.name] = {k: a[index] for k, a in v.items()}
+            else:
+                kw[f.name] = v[index]
+        return Dataset(**kw)
+
+    def split_subset(self, which: str) -> Dataset:
+        """The rows of split ``'train'``, ``'val'`` or ``'test'``."""
+        return self.subset(self.split == SPLIT_CODES[which])
+
+    @classmethod
+    def concatenate(cls, parts: list[Dataset]) -> Dataset:
+        if not parts:
+            raise SpecabundError("cannot concatenate zero datasets")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.elements != first.elements or not np.array_equal(p.wavelength, first.wavelength):
+                raise DataMismatchError("datasets differ in labels or wavelength grid")
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in {"wavelength", "elements", "preprocess_hash"}:
+                kw[f.name] = getattr(first, f.name)
+            elif f.name == "extra":
+                keys = set(first.extra)
+                kw[f.name] = {k: np.concatenate([p.extra[k] for p in parts]) for k in keys}
+            else:
+                kw[f.name] = np.concatenate([getattr(p, f.name) for p in parts])
+        return cls(**kw)
+
+
+def save_dataset(path: str | Path, ds: Dataset) -> None:
+    """Write ``ds`` atomically as an uncompressed npz (strings as fixed-width unicode, no pickle)."""
+    arrays: dict[str, Any] = {
+        "X": ds.X.astype(np.float32, copy=False),
+        "ivar": ds.ivar.astype(np.float32, copy=False),
+        "wavelength": ds.wavelength.astype(np.float64, copy=False),
+        "y": ds.y.astype(np.float32, copy=False),
+        "elements": np.asarray(ds.elements, dtype=str),
+        "filenames": np.asarray(ds.filenames, dtype=str),
+        "obsid": np.asarray(ds.obsid, dtype=str),
+        "spec": np.asarray(ds.spec, dtype=str),
+        "teff": ds.teff.astype(np.float32, copy=False),
+        "logg": ds.logg.astype(np.float32, copy=False),
+        "fe_h": ds.fe_h.astype(np.float32, copy=False),
+        "snr": ds.snr.astype(np.float32, copy=False),
+        "split": ds.split.astype(np.int8, copy=False),
+        "group": np.asarray(ds.group, dtype=str),
+        "preprocess_hash": np.asarray(ds.preprocess_hash, dtype=str),
+    }
+    for k, v in ds.extra.items():
+        arrays[f"extra_{k}"] = v
+    atomic_savez(path, **arrays)
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Read a dataset written by :func:`save_dataset` (``allow_pickle=False``).
+
+    Raises
+    ------
+    SpecabundError
+        When the file is missing or lacks a required array (the message names the file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SpecabundError(f"{path}: dataset file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as exc:  # zip/format errors
+        raise SpecabundError(f"{path}: not a readable dataset npz ({exc})") from exc
+    required = ["X", "wavelength", "y", "elements", "filenames"]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise SpecabundError(f"{path}: dataset lacks arrays {missing}")
+    n = len(data["X"])
+    nan = np.full(n, np.nan, dtype=np.float32)
+    empty = np.full(n, "", dtype="<U1")
+    return Dataset(
+        X=data["X"],
+        ivar=data.get("ivar", np.ones_like(data["X"])),
+        wavelength=data["wavelength"],
+        y=data["y"].reshape(n, -1),
+        elements=[str(e) for e in data["elements"].tolist()],
+        filenames=data["filenames"],
+        obsid=data.get("obsid", empty),
+        spec=data.get("spec", data["filenames"]),
+        teff=data.get("teff", nan),
+        logg=data.get("logg", nan),
+        fe_h=data.get("fe_h", nan),
+        snr=data.get("snr", nan),
+        split=data.get("split", np.full(n, -1, dtype=np.int8)),
+        group=data.get("group", data["filenames"]),
+        preprocess_hash=str(data.get("preprocess_hash", np.asarray(""))),
+        extra={k[6:]: v for k, v in data.items() if k.startswith("extra_")},
+    )
