@@ -1,0 +1,6 @@
+"""``python -m specabund``."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Subcommands of ``specabund`` (each a thin layer over library functions)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from . import _not_built, main, setup_logging
+from .options import config_option, elements_option
+
+log = logging.getLogger("specabund.cli")
+
+
+@main.command("simulate")
+@click.option(
+    "--n", "n", type=click.IntRange(min=1), default=2000, show_default=True, help="Number of spectra."
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("simulated"),
+    show_default=True,
+)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--layout",
+    type=click.Choice(["mixed", "table", "image"]),
+    default="mixed",
+    show_default=True,
+    help="FITS layout: DR9+ binary table, DR2-DR8 5xN image, or a mix.",
+)
+@click.option("--gzip", is_flag=True, help="Write .fits.gz files.")
+@click.option(
+    "--independent", is_flag=True, help="Draw every label independently (no Galactic correlations)."
+)
+@click.option("--prediction-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True)
+@click.option("--n-workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.pass_context
+def simulate_cmd(
+    ctx: click.Context,
+    n: int,
+    output_dir: Path,
+    seed: int,
+    layout: str,
+    gzip: bool,
+    independent: bool,
+    prediction_fraction: float,
+    n_workers: int,
+) -> None:
+    """Write simulated LAMOST spectra (FITS) with X_FE.csv, galah_X_FE.csv and truth.csv.
+
+    \b
+    Example:
+      specabund simulate --n 2000 --output-dir demo --seed 1
+    """
+    from ..simulate import simulate_dataset
+
+    ws = ctx.obj["ws"]
+    setup_logging(ws, "simulate", ctx.obj["verbose"])
+    out = ws.resolve(output_dir)
+    summary = simulate_dataset(
+        n,
+        out,
+        seed,
+        layout=layout,
+        gzip=gzip,
+        independent=independent,
+        prediction_fraction=prediction_fraction,
+        n_workers=n_workers,
+    )
+    click.echo(f"wrote {n} simulated spectra to {out / 'fits'}")
+    for k, v in summary.items():
+        if not isinstance(v, (dict, list)):
+            click.echo(f"  {k}: {v}")
+
+
+_not_built("train", 4, "train the SpectralResCNN")
+_not_built("test", 4, "evaluate a trained model")
+_not_built("baseline", 6, "XGBoost/LightGBM/Cannon baselines")
+_not_built("tune", 7, "hyperparameter tuning")
+_not_built("analyze", 8, "feature importance and residual analysis")
+_not_built("predict", 5, "prediction with calibrated uncertainties")
+_not_built("show-results", 8, "browse batch results of any stage")
+
+
+@main.command("preprocess")
+@click.option(
+    "--reference-csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Reference catalogue (X_FE.csv): preprocessed and split 7:1:2 into train/val/test.",
+)
+@click.option(
+    "--prediction-csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Prediction catalogue (galah_X_FE.csv): only preprocessed.",
+)
+@click.option(
+    "--fits-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of FITS files (searched recursively) [config paths.fits_dir].",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder [config paths.processed_dir].",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None, help="Files handed to a worker at once."
+)
+@click.option(
+    "--chunk-size", type=click.IntRange(min=1), default=None, help="Spectra per checkpointed chunk."
+)
+@click.option("--n-workers", type=click.IntRange(min=1), default=None, help="Parallel worker processes.")
+@click.option("--no-cache", is_flag=True, help="Neither read nor leave a cache (fresh run).")
+@click.option("--clear-cache", is_flag=True, help="Delete the preprocessing cache before running.")
+@click.option("--denoise/--no-denoise", default=None, help="Edge-preserving denoising [off].")
+@click.option("--normalize/--no-normalize", default=None, help="Continuum normalisation [on].")
+@click.option("--seed", type=int, default=None, help="Seed of the train/val/test split.")
+@elements_option("Abundances to keep (default: every *_FE column of the reference catalogue).")
+@config_option()
+@click.pass_context
+def preprocess_cmd(
+    ctx: click.Context,
+    reference_csv: Path | None,
+    prediction_csv: Path | None,
+    fits_dir: Path | None,
+    output_dir: Path | None,
+    batch_size: int | None,
+    chunk_size: int | None,
+    n_workers: int | None,
+    no_cache: bool,
+    clear_cache: bool,
+    denoise: bool | None,
+    normalize: bool | None,
+    seed: int | None,
+    elements: tuple[str, ...],
+    config_file: str | None,
+) -> None:
+    """Preprocess raw LAMOST FITS files into training-ready datasets.
+
+    \b
+    Examples:
+      specabund preprocess --reference-csv X_FE.csv --fits-dir fits --output-dir processed_data
+      specabund preprocess --prediction-csv galah_X_FE.csv --fits-dir fits
+      specabund preprocess --reference-csv X_FE.csv --prediction-csv galah_X_FE.csv --n-workers 2
+    """
+    from ..config import load_config, save_config
+    from ..preprocess import PipelineSettings, run_preprocess
+    from ..preprocess.pipeline import split_options
+
+    ws = ctx.obj["ws"]
+    log_file = setup_logging(ws, "preprocess", ctx.obj["verbose"])
+    if reference_csv is None and prediction_csv is None:
+        raise click.UsageError("give --reference-csv, --prediction-csv or both")
+    cfg = load_config(
+        config_file,
+        {
+            "preprocess.batch_size": batch_size,
+            "preprocess.chunk_size": chunk_size,
+            "preprocess.n_workers": n_workers,
+            "preprocess.denoise": denoise,
+            "preprocess.normalize": normalize,
+            "data.seed": seed,
+            "data.elements": list(elements) if elements else None,
+        },
+    )
+    opts, pipe = split_options(cfg["preprocess"])
+    settings = PipelineSettings(
+        chunk_size=pipe["chunk_size"],
+        n_workers=pipe["n_workers"],
+        batch_size=pipe["batch_size"],
+        normalize=pipe["normalize"],
+        n_plot_examples=pipe["n_plot_examples"],
+        use_cache=not no_cache,
+        clear_cache=clear_cache,
+        seed=cfg["data"]["seed"],
+        split_fractions=tuple(cfg["data"]["split_fractions"]),
+        elements=list(cfg["data"]["elements"]) or None,
+        include_stellar_parameters=cfg["data"]["include_stellar_parameters"],
+        progress=True,
+    )
+    fdir = ws.resolve(fits_dir or cfg["paths"]["fits_dir"])
+    odir = ws.resolve(output_dir or cfg["paths"]["processed_dir"])
+    odir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, odir / "resolved_config.toml")
+    manifest = run_preprocess(
+        fits_dir=fdir,
+        output_dir=odir,
+        reference_csv=reference_csv,
+        prediction_csv=prediction_csv,
+        options=opts,
+        settings=settings,
+        plots_dir=ws.root / "plots",
+    )
+    click.echo(f"preprocessed into {odir} (labels: {', '.join(manifest['labels']) or 'none'})")
+    for name, c in manifest["counts"].items():
+        click.echo(f"  {name}: {c}")
+    click.echo(
+        f"  rejected: {manifest['rejected_total']} {manifest['rejected_by_reason']} (see rejected.csv)"
+    )
+    click.echo(f"  log: {log_file}")
