@@ -26,8 +26,8 @@ test: lint
 
 demo: venv
 	$(BIN)/specabund --workdir $(DEMO_DIR) simulate --n $(DEMO_N) --output-dir sim --seed 1
-	$(BIN)/specabund --workdir $(DEMO_DIR) preprocess --reference-csv $(DEMO_DIR)/sim/X_FE.csv \
-		--prediction-csv $(DEMO_DIR)/sim/galah_X_FE.csv --fits-dir sim/fits --output-dir processed_data
+	$(BIN)/specabund --workdir $(DEMO_DIR) preprocess --reference-csv sim/X_FE.csv \
+		--prediction-csv sim/galah_X_FE.csv --fits-dir sim/fits --output-dir processed_data
 	@echo "demo outputs under $(DEMO_DIR)/ (processed_data/, plots/preprocessing/, logs/)"
 
 bench: venv

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import _not_built, main, setup_logging
-from .options import config_option, elements_option
+from .options import config_option, elements_option, resolve_in_workdir
 
 log = logging.getLogger("specabund.cli")
 
@@ -76,8 +76,6 @@ def simulate_cmd(
             click.echo(f"  {k}: {v}")
 
 
-_not_built("train", 4, "train the SpectralResCNN")
-_not_built("test", 4, "evaluate a trained model")
 _not_built("baseline", 6, "XGBoost/LightGBM/Cannon baselines")
 _not_built("tune", 7, "hyperparameter tuning")
 _not_built("analyze", 8, "feature importance and residual analysis")
@@ -88,12 +86,14 @@ _not_built("show-results", 8, "browse batch results of any stage")
 @main.command("preprocess")
 @click.option(
     "--reference-csv",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=resolve_in_workdir,
     help="Reference catalogue (X_FE.csv): preprocessed and split 7:1:2 into train/val/test.",
 )
 @click.option(
     "--prediction-csv",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=resolve_in_workdir,
     help="Prediction catalogue (galah_X_FE.csv): only preprocessed.",
 )
 @click.option(

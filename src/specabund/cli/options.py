@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -51,10 +52,22 @@ def elements_option(help_text: str = "Labels to use, e.g. --elements C_FE MG_FE 
     return click.option("--elements", "elements", cls=MultiValueOption, help=help_text)
 
 
+def resolve_in_workdir(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Option callback: a relative path is taken relative to ``--workdir`` (like running from there)."""
+    if value is None or value == ():
+        return value
+    obj = ctx.find_object(dict) or {}
+    ws = obj.get("ws")
+    if ws is None:
+        return Path(value)
+    return ws.resolve(value)
+
+
 def config_option() -> Any:
     return click.option(
         "--config",
         "config_file",
-        type=click.Path(exists=True, dir_okay=False),
+        type=click.Path(dir_okay=False, path_type=Path),
+        callback=resolve_in_workdir,
         help="TOML file overlaying configs/default.toml; flags override both.",
     )

@@ -1,0 +1,428 @@
+"""``specabund train``, ``specabund test`` and ``specabund all``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError, SpecabundError
+from . import main, setup_logging
+from .options import config_option, elements_option, resolve_in_workdir
+
+log = logging.getLogger("specabund.cli")
+
+for _name in ("train", "test", "all"):
+    main.commands.pop(_name, None)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def load_training_data(data_path: Path) -> tuple[Any, Any, Any | None]:
+    """(train, val, test-or-None) from a reference dataset (split by its ``split`` column) or a train file
+    with ``val_dataset.npz`` (and ``test_dataset.npz``) beside it."""
+    from ..dataset import SPLIT_CODES, load_dataset
+
+    ds = load_dataset(data_path)
+    if (ds.split == SPLIT_CODES["val"]).any() and (ds.split == SPLIT_CODES["train"]).any():
+        test = ds.split_subset("test")
+        return ds.split_subset("train"), ds.split_subset("val"), test if len(test) else None
+    val_path = data_path.with_name("val_dataset.npz")
+    if not val_path.exists():
+        raise SpecabundError(
+            f"{data_path}: no validation rows in it and no val_dataset.npz beside it; pass the reference "
+            "dataset written by 'specabund preprocess' or a train file with val_dataset.npz next to it"
+        )
+    test_path = data_path.with_name("test_dataset.npz")
+    return ds, load_dataset(val_path), load_dataset(test_path) if test_path.exists() else None
+
+
+def choose_labels(requested: tuple[str, ...], available: list[str], include_params: bool) -> list[str]:
+    """Requested abundances (default all), then Teff, logg and [Fe/H] when present and wanted."""
+    from ..elements import STELLAR_PARAMETERS, resolve_labels
+
+    abund = [a for a in available if a not in STELLAR_PARAMETERS]
+    labels = resolve_labels(requested or None, available if requested else abund, what="dataset labels")
+    if include_params:
+        labels += [p for p in STELLAR_PARAMETERS if p in available and p not in labels]
+    return labels
+
+
+def build_configs(cfg: dict[str, Any], device: str) -> tuple[Any, Any, int]:
+    """ModelConfig, TrainConfig and ensemble size from the resolved configuration."""
+    from ..models.registry import default_config
+    from ..training.trainer import TrainConfig
+
+    m = dict(cfg["model"])
+    name = m.pop("name", "rescnn")
+    model_cfg = default_config(name, **m)
+    t = dict(cfg["training"])
+    ensemble = int(t.pop("ensemble", 1))
+    t["device"] = device
+    if not t.get("num_threads"):
+        t["num_threads"] = (
+            len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        )
+    try:
+        train_cfg = TrainConfig.from_dict(t)
+    except TypeError as exc:
+        raise ConfigError(f"[training]: {exc}") from exc
+    return model_cfg, train_cfg, ensemble
+
+
+def _run_name(labels: list[str]) -> str:
+    from ..workspace import timestamp
+
+    abund = [lab for lab in labels if lab.endswith("_FE")] or labels
+    return f"{'_'.join(abund[:4])}{'_etc' if len(abund) > 4 else ''}_{timestamp()}"
+
+
+def tracking_name(labels: list[str]) -> str:
+    """Name used for the per-element result folders (``training_<name>_batch_results``)."""
+    abund = [lab for lab in labels if lab.endswith("_FE")] or labels
+    return "_".join(abund)
+
+
+# --------------------------------------------------------------------------------------------- train
+
+
+def _train(
+    ctx: click.Context,
+    data_path: Path,
+    elements: tuple[str, ...],
+    overrides: dict[str, Any],
+    config_file: str | None,
+    resume: str | None,
+    run_name: str | None,
+) -> Path:
+    from ..config import load_config, save_config
+    from ..training.trainer import resolve_device, train, train_ensemble
+
+    ws = ctx.obj["ws"]
+    cfg = load_config(config_file, overrides)
+    device = str(resolve_device(cfg["training"]["device"]))
+    data_path = ws.resolve(data_path)
+    tr, va, _ = load_training_data(data_path)
+    labels = choose_labels(elements, tr.elements, cfg["data"]["include_stellar_parameters"])
+    model_cfg, train_cfg, ensemble = build_configs(cfg, device)
+    if resume:
+        from ..runs import resolve_run
+
+        run_dir = resolve_run(ws.models(), resume)
+    else:
+        run_dir = ws.models() / (run_name or _run_name(labels))
+    name = tracking_name(labels)
+    plot_dir = ws.results(f"training_{name}_batch_results")
+    log.info(
+        "training %s on %d spectra (val %d), labels %s, device %s",
+        model_cfg.name,
+        len(tr),
+        len(va),
+        labels,
+        device,
+    )
+    kw = dict(resume=bool(resume), plot_dir=plot_dir, progress=True, name=name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "resolved_config.toml")
+    if ensemble > 1:
+        results = train_ensemble(tr, va, labels, model_cfg, train_cfg, run_dir, ensemble, **kw)
+    else:
+        results = [train(tr, va, labels, model_cfg, train_cfg, run_dir, **kw)]
+    for k, res in enumerate(results):
+        who = f"member {k}" if ensemble > 1 else "model"
+        click.echo(
+            f"{who}: best epoch {res.best_epoch} of {res.epochs_run}, val loss {res.best_val_loss:.4f}"
+        )
+        for lab, m in res.final_metrics.items():
+            click.echo(
+                f"  {lab:>8}: RMSE {m['rmse']:.4g}  robust scatter {m['robust_scatter']:.4g}  "
+                f"bias {m['bias']:+.3g}"
+            )
+    click.echo(f"saved model: {run_dir}")
+    click.echo(f"training plots: {plot_dir}")
+    return run_dir
+
+
+_train_options = [
+    click.option(
+        "--data-path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        callback=resolve_in_workdir,
+        default=Path("processed_data/reference_dataset.npz"),
+        show_default=True,
+        help="Reference dataset (split by its split column) or train_dataset.npz with val beside it.",
+    ),
+    elements_option(
+        "Labels to predict (default: every abundance); Teff, logg, [Fe/H] are added when present."
+    ),
+    click.option("--batch-size", type=click.IntRange(min=2), default=None),
+    click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None),
+    click.option("--epochs", type=click.IntRange(min=1), default=None),
+    click.option(
+        "--early-stopping", type=click.IntRange(min=0), default=None, help="Patience in epochs (0: off)."
+    ),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None),
+    click.option("--seed", type=int, default=None),
+    click.option(
+        "--ensemble", type=click.IntRange(min=1), default=None, help="Train N members with seeds seed+k."
+    ),
+    click.option(
+        "--model-name", default=None, help="Registered architecture (rescnn, rescnn_small, rescnn_wide)."
+    ),
+    click.option("--run-name", default=None, help="Folder name under models/ [labels + time stamp]."),
+    config_option(),
+]
+
+
+def _apply(options: list[Any]) -> Any:
+    def deco(f: Any) -> Any:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return deco
+
+
+def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "training.batch_size": kw.get("batch_size"),
+        "training.learning_rate": kw.get("learning_rate"),
+        "training.epochs": kw.get("epochs"),
+        "training.early_stopping": kw.get("early_stopping"),
+        "training.device": kw.get("device"),
+        "training.seed": kw.get("seed"),
+        "training.ensemble": kw.get("ensemble"),
+        "model.name": kw.get("model_name"),
+    }
+
+
+@main.command("train")
+@_apply(_train_options)
+@click.option(
+    "--resume", default=None, help="Continue the run RUN (name under models/ or path) from its checkpoint."
+)
+@click.pass_context
+def train_cmd(ctx: click.Context, **kw: Any) -> None:
+    """Train the SpectralResCNN on preprocessed spectra.
+
+    \b
+    Examples:
+      specabund train --data-path processed_data/reference_dataset.npz --elements C_FE MG_FE
+      specabund train --elements C_FE,MG_FE --epochs 50 --ensemble 5
+      specabund train --resume C_FE_MG_FE_20261129-101500
+    """
+    setup_logging(ctx.obj["ws"], "train", ctx.obj["verbose"])
+    _train(
+        ctx, kw["data_path"], kw["elements"], _overrides(kw), kw["config_file"], kw["resume"], kw["run_name"]
+    )
+
+
+# --------------------------------------------------------------------------------------------- test
+
+
+def _test(
+    ctx: click.Context,
+    data_path: Path,
+    model: str | None,
+    elements: tuple[str, ...],
+    truth: Path | None,
+    isochrones: Path | None,
+    config_file: str | None,
+    device: str | None,
+) -> dict[str, Any]:
+    from ..config import load_config, save_config
+    from ..dataset import load_dataset
+    from ..elements import resolve_labels
+    from ..runs import resolve_run
+    from ..training.evaluate import evaluate
+    from ..training.saved import load_model
+    from ..training.trainer import resolve_device
+
+    ws = ctx.obj["ws"]
+    cfg = load_config(config_file, {"training.device": device})
+    run_dir = resolve_run(ws.models(), model)
+    dev = resolve_device(cfg["training"]["device"])
+    loaded = load_model(run_dir, dev)
+    ds = load_dataset(ws.resolve(data_path))
+    if (ds.split == 2).any() and (ds.split != 2).any():
+        ds = ds.split_subset("test")
+    labels = resolve_labels(elements or None, loaded.labels, what=f"labels of model {run_dir.name}")
+    out = ws.results("evaluation")
+    save_config(cfg, out / "resolved_config.toml")
+    ev = cfg["evaluation"]
+    res = evaluate(
+        loaded, ds, labels, out, snr_bins=ev["snr_bins"], logg_split=ev["logg_split"], isochrones=isochrones
+    )
+    _evaluation_batches(ws, loaded, ds, labels, out)
+    _cnn_comparison_rows(ws, out, labels, ev["snr_bins"])
+    click.echo(f"evaluated model {run_dir.name} on {len(ds)} spectra -> {out}")
+    for lab in labels:
+        m = res["metrics"][lab]["all"]
+        click.echo(
+            f"  {lab:>8}: n {m['n']}  RMSE {m['rmse']:.4g}  MAE {m['mae']:.4g}  robust scatter "
+            f"{m['robust_scatter']:.4g}  bias {m['bias']:+.3g}  R2 {m['r2']:.3f}"
+        )
+    if truth is not None:
+        _information_limit(ws.resolve(truth), ds, out, labels, ev["snr_bins"])
+    return res
+
+
+def _evaluation_batches(ws: Any, loaded: Any, ds: Any, labels: list[str], out: Path) -> None:
+    """Per-batch metrics rows in results/evaluation_<element>_batch_results/ (from evaluation predictions)."""
+    import numpy as np
+    import pandas as pd
+
+    from ..metrics import regression_metrics
+    from ..tracking import BatchTracker
+
+    pred = pd.read_csv(out / "predictions.csv")
+    batch = 1000
+    for lab in labels:
+        tracker = BatchTracker(ws.results(f"evaluation_{lab}_batch_results"), lab)
+        for k, start in enumerate(range(0, len(pred), batch), start=1):
+            part = pred.iloc[start : start + batch]
+            m = regression_metrics(part[f"{lab}_true"].to_numpy(), part[f"{lab}_pred"].to_numpy())
+            m["median_err"] = float(np.nanmedian(part[f"{lab}_err"])) if len(part) else float("nan")
+            tracker.record(k, m)
+        tracker.finalize(["rmse", "robust_scatter", "bias", "r2", "median_err"])
+
+
+def _cnn_comparison_rows(ws: Any, out: Path, labels: list[str], snr_bins: list[float]) -> None:
+    """Add the CNN to results/baseline/comparison.csv (same test split as the baselines)."""
+    try:
+        from ..baselines.comparison import update_comparison
+    except ImportError:
+        return
+    import pandas as pd
+
+    from ..metrics import metrics_by_snr
+
+    pred = pd.read_csv(out / "predictions.csv")
+    rows = []
+    for lab in labels:
+        if not lab.endswith("_FE"):
+            continue
+        by = metrics_by_snr(pred[f"{lab}_true"], pred[f"{lab}_pred"], pred["snr"], snr_bins)
+        for bin_name, m in by.items():
+            rows.append(
+                {
+                    "model": "cnn",
+                    "element": lab,
+                    "snr_bin": bin_name,
+                    **{k: m[k] for k in ("n", "rmse", "robust_scatter", "bias", "r2")},
+                }
+            )
+    if rows:
+        update_comparison(ws.root / "results", rows)
+
+
+def _information_limit(truth: Path, ds: Any, out: Path, labels: list[str], snr_bins: list[float]) -> None:
+    import pandas as pd
+
+    from ..crb import cramer_rao_bounds, information_limit_table, load_truth
+    from ..utils import atomic_write
+
+    pred = pd.read_csv(out / "predictions.csv")
+    t = load_truth(truth, ds)
+    bounds = cramer_rao_bounds(t, ds.ivar, ds.wavelength, labels)
+    y_true = pred[[f"{lab}_true" for lab in labels]].to_numpy()
+    y_pred = pred[[f"{lab}_pred" for lab in labels]].to_numpy()
+    table = information_limit_table(y_true, y_pred, bounds, ds.snr, labels, snr_bins)
+    with atomic_write(out / "information_limit.csv", "w", encoding="utf-8", newline="") as fh:
+        table.to_csv(fh, index=False)
+    click.echo("information limit (Cramer-Rao bound from the simulator, marginalised over all labels):")
+    click.echo(table.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+
+
+_test_options = [
+    click.option(
+        "--data-path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        callback=resolve_in_workdir,
+        default=Path("processed_data/test_dataset.npz"),
+        show_default=True,
+    ),
+    click.option("--model", default=None, help="Run name under models/ or a path [newest run]."),
+    elements_option("Labels to evaluate [all the model predicts]."),
+    click.option(
+        "--truth",
+        type=click.Path(dir_okay=False, path_type=Path),
+        callback=resolve_in_workdir,
+        default=None,
+        help="Simulator truth.csv: also report RMSE against the Cramer-Rao bound.",
+    ),
+    click.option(
+        "--isochrones",
+        type=click.Path(dir_okay=False, path_type=Path),
+        callback=resolve_in_workdir,
+        default=None,
+        help="MIST .iso file drawn on the Kiel diagrams.",
+    ),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None),
+    config_option(),
+]
+
+
+@main.command("test")
+@_apply(_test_options)
+@click.pass_context
+def test_cmd(ctx: click.Context, **kw: Any) -> None:
+    """Evaluate a trained model: metrics overall, per SNR bin and dwarfs vs giants, with plots.
+
+    \b
+    Examples:
+      specabund test --data-path processed_data/test_dataset.npz
+      specabund test --model C_FE_MG_FE_20261129-101500 --elements C_FE --truth sim/truth.csv
+    """
+    setup_logging(ctx.obj["ws"], "evaluation", ctx.obj["verbose"])
+    _test(
+        ctx,
+        kw["data_path"],
+        kw["model"],
+        kw["elements"],
+        kw["truth"],
+        kw["isochrones"],
+        kw["config_file"],
+        kw["device"],
+    )
+
+
+# --------------------------------------------------------------------------------------------- all
+
+
+@main.command("all")
+@_apply(_train_options)
+@click.option(
+    "--tuned/--no-tuned",
+    default=True,
+    show_default=True,
+    help="Overlay results/hyperopt/best_params.toml when it exists (written by 'specabund tune').",
+)
+@click.option(
+    "--truth", type=click.Path(dir_okay=False, path_type=Path), callback=resolve_in_workdir, default=None
+)
+@click.pass_context
+def all_cmd(ctx: click.Context, **kw: Any) -> None:
+    """Train (with tuned parameters when 'specabund tune' has run), then test on the test split.
+
+    \b
+    Example:
+      specabund all --data-path processed_data/reference_dataset.npz --elements C_FE MG_FE
+    """
+    ws = ctx.obj["ws"]
+    setup_logging(ws, "train", ctx.obj["verbose"])
+    config_file = kw["config_file"]
+    tuned = ws.root / "results" / "hyperopt" / "best_params.toml"
+    if kw["tuned"] and config_file is None and tuned.exists():
+        click.echo(f"using tuned parameters {tuned}")
+        config_file = str(tuned)
+    run_dir = _train(ctx, kw["data_path"], kw["elements"], _overrides(kw), config_file, None, kw["run_name"])
+    data_path = ws.resolve(kw["data_path"])
+    test_path = (
+        data_path if data_path.name == "reference_dataset.npz" else data_path.with_name("test_dataset.npz")
+    )
+    _test(ctx, test_path, str(run_dir), (), kw["truth"], None, config_file, kw["device"])

@@ -1,0 +1,193 @@
+"""``specabund tune``: resumable batch hyperparameter optimisation with optuna."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from ..config import load_config, save_config
+from ..dataset import Dataset, load_dataset
+from ..elements import resolve_labels
+from ..errors import DataMismatchError
+from . import main, setup_logging
+from .options import config_option, elements_option
+
+logger = logging.getLogger(__name__)
+
+main.commands.pop("tune", None)
+
+TUNE_EPILOG = """\b
+Storage (--storage, relative paths under --workdir):
+  (default)                     sqlite results/hyperopt/<study-name>.db, one process at a time
+  results/hyperopt/NAME.db      that SQLite file
+  results/hyperopt/NAME.log     journal file (optuna JournalStorage): several processes at once
+  postgresql://user@host/db     an RDB server (any SQLAlchemy URL): several machines
+\b
+--n-trials is the study's total: rerunning the same command resumes an interrupted study and runs only
+the missing trials; start the same command in several terminals (journal or RDB storage) to share it.
+\b
+Outputs in results/hyperopt/: trials.csv, optimization_history.png, intermediate_values.png,
+parallel_coordinate.png, param_importance.png, best_params.toml, robust_params.toml (overlays for
+`specabund train --config`), summary.txt, summary.json, resolved_config.toml.
+\b
+Example:
+  specabund tune --data-path processed_data/reference_dataset.npz --elements C_FE \\
+      --n-trials 50 --storage results/hyperopt/c_fe.log --study-name c_fe
+"""
+
+
+def _split_data(data_path: Path) -> tuple[Dataset, Dataset]:
+    """Training and validation rows of ``data_path`` (validation from a sibling val_dataset.npz if absent)."""
+    ds = load_dataset(data_path)
+    train_ds = ds.split_subset("train")
+    val_ds = ds.split_subset("val")
+    if len(val_ds) == 0:
+        sibling = data_path.parent / "val_dataset.npz"
+        if sibling.exists() and sibling.resolve() != data_path.resolve():
+            val_ds = load_dataset(sibling).split_subset("val")
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise DataMismatchError(
+            f"{data_path}: tuning needs training (split 0) and validation (split 1) spectra, found "
+            f"{len(train_ds)} and {len(val_ds)}; use processed_data/reference_dataset.npz"
+        )
+    return train_ds, val_ds
+
+
+@main.command("tune", epilog=TUNE_EPILOG)
+@click.option(
+    "--data-path",
+    type=click.Path(path_type=Path),
+    default=Path("processed_data/reference_dataset.npz"),
+    show_default=True,
+    help="Dataset with train (split 0) and validation (split 1) spectra.",
+)
+@elements_option()
+@config_option()
+@click.option("--n-trials", type=click.IntRange(min=1), help="Total trials of the study [tuning.n_trials].")
+@click.option("--method", type=click.Choice(["tpe", "grid", "random"]), help="Sampler [tuning.method].")
+@click.option(
+    "--batch-size-hyperopt",
+    type=click.IntRange(min=2),
+    help="Spectra per batch [tuning.batch_size_hyperopt].",
+)
+@click.option(
+    "--batches-per-round", type=click.IntRange(min=1), help="Batches per round [tuning.batches_per_round]."
+)
+@click.option(
+    "--epochs-per-trial", type=click.IntRange(min=1), help="Epochs per trial [tuning.epochs_per_trial]."
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), help="Seconds before no new trial starts [tuning.timeout]."
+)
+@click.option("--storage", help="Study storage: .db file, .log journal file or RDB URL [tuning.storage].")
+@click.option("--study-name", help="Study name [tuning.study_name].")
+@click.option(
+    "--pruner", type=click.Choice(["median", "percentile", "hyperband", "none"]), help="[tuning.pruner]"
+)
+@click.option(
+    "--worker-id",
+    type=int,
+    default=None,
+    help="Makes this worker's sampler reproducible (give each concurrent worker its own).",
+)
+@click.option("--report-only", is_flag=True, help="Only rewrite the report of the existing study.")
+@click.pass_context
+def tune_cmd(
+    ctx: click.Context,
+    data_path: Path,
+    elements: tuple[str, ...],
+    config_file: str | None,
+    n_trials: int | None,
+    method: str | None,
+    batch_size_hyperopt: int | None,
+    batches_per_round: int | None,
+    epochs_per_trial: int | None,
+    timeout: float | None,
+    storage: str | None,
+    study_name: str | None,
+    pruner: str | None,
+    worker_id: int | None,
+    report_only: bool,
+) -> None:
+    """Tune learning rate, batch size, network widths/depths, kernels, dropout, weight decay and augmentation.
+
+    Each trial trains on the round's fresh batches of training spectra for --epochs-per-trial epochs and
+    is scored by its validation loss; poor trials are pruned epoch by epoch. Writes best_params.toml
+    (lowest validation loss) and robust_params.toml (smallest model within one standard error of the best).
+    """
+    import optuna
+
+    from ..training import resolve_device
+    from ..tuning import (
+        SearchSpace,
+        TuneOptions,
+        model_config_from_sections,
+        open_study,
+        run_tuning,
+        train_config_from_sections,
+        write_report,
+    )
+    from ..tuning.storage import resolve_storage
+
+    ws = ctx.obj["ws"]
+    log_file = setup_logging(ws, "tune", ctx.obj["verbose"])
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    cfg = load_config(
+        config_file,
+        {
+            "tuning.n_trials": n_trials,
+            "tuning.method": method,
+            "tuning.batch_size_hyperopt": batch_size_hyperopt,
+            "tuning.batches_per_round": batches_per_round,
+            "tuning.epochs_per_trial": epochs_per_trial,
+            "tuning.timeout": timeout,
+            "tuning.storage": storage,
+            "tuning.study_name": study_name,
+            "tuning.pruner": pruner,
+        },
+    )
+    tcfg = dict(cfg["tuning"])
+    if tcfg.get("storage") and "://" not in str(tcfg["storage"]):
+        tcfg["storage"] = str(ws.resolve(tcfg["storage"]))
+    options = TuneOptions.from_config(tcfg, worker_id=worker_id)
+    out_dir = ws.results("hyperopt")
+    space = SearchSpace.from_config(cfg["tuning_space"], tcfg.get("group_ratios", (1, 2, 3)))
+    save_config(cfg, out_dir / "resolved_config.toml")
+    _, desc = resolve_storage(options.storage, out_dir, options.study_name)
+
+    if report_only:
+        study, desc = open_study(options, out_dir)
+        summary = write_report(study, out_dir, space=space, storage=desc, seed=options.seed)
+    else:
+        train_ds, val_ds = _split_data(ws.resolve(data_path))
+        requested = list(elements) or list(cfg["data"]["elements"])
+        labels = resolve_labels(requested, train_ds.elements, what=f"dataset {data_path}")
+        device = str(resolve_device(cfg["training"]["device"]))
+        base_model = model_config_from_sections(cfg)
+        base_train = train_config_from_sections(cfg, device=device)
+        logger.info(
+            "tuning %s on %d training / %d validation spectra (%s), study %r in %s; log %s",
+            ",".join(labels),
+            len(train_ds),
+            len(val_ds),
+            device,
+            options.study_name,
+            desc,
+            log_file,
+        )
+        result = run_tuning(train_ds, val_ds, labels, space, base_model, base_train, options, out_dir)
+        summary = write_report(
+            result.study,
+            out_dir,
+            space=space,
+            model_name=base_model.name,
+            storage=result.storage,
+            seed=options.seed,
+        )
+        logger.info("this process finished trials %s; the study holds %d", result.ran, result.n_done)
+    click.echo((out_dir / "summary.txt").read_text(encoding="utf-8"), nl=False)
+    if summary.get("best"):
+        click.echo(f"best: {out_dir / 'best_params.toml'}\nrobust: {out_dir / 'robust_params.toml'}")

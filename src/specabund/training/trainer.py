@@ -1,0 +1,802 @@
+"""Training loop: AdamW, LR schedule, early stopping, augmentation, checkpoints and resume.
+
+Determinism: every random stream is seeded from ``TrainConfig.seed``. Shuffling and augmentation use
+their own ``torch.Generator`` objects. Dropout and weight initialisation can only use torch's global
+generator, so :func:`train` seeds it from the config seed *inside* ``torch.random.fork_rng``, which
+restores the caller's global RNG state afterwards; the global state used during training is saved in the
+checkpoint, so a resumed run continues the identical random sequence. On the CPU two runs with the same
+config, data and thread count give bit-identical weights; on CUDA ``deterministic=True`` asks torch for
+deterministic kernels (``warn_only``) for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psutil
+import torch
+from torch import nn
+
+from .. import __version__
+from ..dataset import Dataset
+from ..errors import ConfigError, DataMismatchError
+from ..metrics import regression_metrics
+from ..models import ModelConfig, build_model
+from ..plotting import save_figure
+from ..tracking import BatchTracker
+from ..utils import atomic_write, hash_json
+from . import plots
+from .data import AugmentConfig, Augmenter, LabelScaler, prepare_input, select_labels
+from .loss import gaussian_nll, masked_mse
+from .saved import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    ENSEMBLE_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    data_hash,
+    grid_info,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+    write_config,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = ("onecycle", "cosine", "plateau", "none")
+METRIC_KEYS = ("mae", "rmse", "robust_scatter", "bias", "r2")
+#: TrainConfig fields that may change between an interrupted run and its resumption.
+RESUME_FREE_FIELDS = ("device", "num_threads", "plot_every", "eval_batch_size")
+
+Callback = Callable[[int, dict[str, Any]], bool | None]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``'auto'`` -> CUDA when available else CPU; ``'cpu'``/``'cuda'``/``'cuda:1'`` as given.
+
+    Raises
+    ------
+    ConfigError
+        When CUDA is requested but not available.
+    """
+    if isinstance(name, torch.device):
+        return name
+    name = str(name).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r} (use 'auto', 'cpu' or 'cuda')") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available in this torch build/machine")
+    return dev
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings.
+
+    Parameters
+    ----------
+    batch_size, learning_rate, weight_decay, epochs
+        AdamW on mini-batches (weight decay only on weights of rank >= 2, not on biases/norms).
+    early_stopping : int
+        Stop after this many epochs without a validation-loss improvement larger than ``min_delta``
+        (0 disables).
+    grad_clip : float
+        Maximum global gradient norm (0 disables).
+    scheduler : str
+        ``'onecycle'`` (per batch, peak ``learning_rate``), ``'cosine'`` (per batch down to
+        ``min_lr``), ``'plateau'`` (per epoch on the validation loss) or ``'none'``.
+    mse_warmup_epochs : int
+        First epochs trained on the masked MSE of the means before switching to the Gaussian NLL.
+    augment : AugmentConfig
+        Augmentation probabilities and strengths.
+    seed : int
+        Seed of every random stream (initialisation, dropout, shuffling, augmentation).
+    num_threads : int
+        ``torch.set_num_threads`` during training (0 keeps the current value; restored afterwards).
+    device : str
+        ``'cpu'``, ``'cuda'`` or ``'auto'`` (resolved with :func:`resolve_device`).
+    amp : bool
+        Mixed precision (autocast with ``amp_dtype``, ``'bf16'`` or ``'fp16'``) on CUDA only.
+    deterministic : bool
+        Request deterministic kernels during training.
+    plot_every : int
+        Refresh the training plots every this many epochs (and at the end).
+    """
+
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    epochs: int = 200
+    early_stopping: int = 20
+    min_delta: float = 0.0
+    grad_clip: float = 5.0
+    scheduler: str = "onecycle"
+    onecycle_pct_start: float = 0.15
+    min_lr: float = 1e-6
+    plateau_factor: float = 0.5
+    plateau_patience: int = 5
+    mse_warmup_epochs: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    num_threads: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    deterministic: bool = True
+    eval_batch_size: int = 512
+    plot_every: int = 5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig.from_dict(self.augment)
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size must be >= 2, got {self.batch_size}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ConfigError("learning_rate must be > 0 and weight_decay >= 0")
+        if self.early_stopping < 0 or self.grad_clip < 0 or self.mse_warmup_epochs < 0:
+            raise ConfigError("early_stopping, grad_clip and mse_warmup_epochs must be >= 0")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler {self.scheduler!r} not in {SCHEDULERS}")
+        if self.amp_dtype not in ("bf16", "fp16"):
+            raise ConfigError(f"amp_dtype must be 'bf16' or 'fp16', got {self.amp_dtype!r}")
+        if not 0 < self.onecycle_pct_start < 1:
+            raise ConfigError("onecycle_pct_start must lie in (0, 1)")
+        if self.plot_every < 1 or self.eval_batch_size < 1 or self.num_threads < 0:
+            raise ConfigError("plot_every and eval_batch_size must be >= 1, num_threads >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config keys: {unknown}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes
+    ----------
+    run_dir : Path
+        The saved-model folder.
+    best_epoch : int
+        Epoch whose weights were kept.
+    best_val_loss : float
+        Validation loss (Gaussian NLL, standardised units) at that epoch.
+    epochs_run : int
+        Epochs completed (including those of an interrupted run that was resumed).
+    stopped_early : bool
+        Whether early stopping (or a callback) ended training before ``epochs``.
+    history : pandas.DataFrame
+        One row per epoch (the content of ``metrics.csv``).
+    final_metrics : dict
+        Per-label validation metrics (physical units) at the best epoch.
+    """
+
+    run_dir: Path
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    history: pd.DataFrame
+    final_metrics: dict[str, dict[str, float]]
+
+
+@dataclass
+class _Tensors:
+    X: torch.Tensor
+    ivar: torch.Tensor
+    y: torch.Tensor  # standardised, NaN for missing
+    y_phys: np.ndarray
+
+
+def _prepare_split(ds: Dataset, labels: list[str], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = select_labels(ds.y, ds.elements, labels)
+    keep = np.isfinite(y).any(axis=1)
+    if not keep.any():
+        raise DataMismatchError(f"{what} data have no spectrum with any of the labels {labels}")
+    n_drop = int((~keep).sum())
+    if n_drop:
+        logger.info("%s: dropping %d spectra without any of the labels %s", what, n_drop, labels)
+    X = np.ascontiguousarray(ds.X[keep], dtype=np.float32)
+    ivar = np.ascontiguousarray(ds.ivar[keep], dtype=np.float32)
+    return X, ivar, y[keep]
+
+
+def _to_tensors(
+    X: np.ndarray, ivar: np.ndarray, y: np.ndarray, scaler: LabelScaler, dev: torch.device
+) -> _Tensors:
+    return _Tensors(
+        X=torch.from_numpy(X).to(dev),
+        ivar=torch.from_numpy(ivar).to(dev),
+        y=torch.from_numpy(scaler.transform(y)).to(dev),
+        y_phys=y.astype(np.float64),
+    )
+
+
+def _memory_mb(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(dev)) / 2**20
+    return float(psutil.Process().memory_info().rss) / 2**20
+
+
+@contextlib.contextmanager
+def _torch_runtime(cfg: TrainConfig, dev: torch.device) -> Iterator[None]:
+    """Thread count, deterministic flags and a forked global RNG for the duration of training."""
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    devices = (
+        [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    )
+    try:
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        # fork_rng restores the caller's global RNG state on exit; inside, train() seeds it.
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_det_warn)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev_cudnn
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> Any:
+    total = cfg.epochs * steps_per_epoch
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.learning_rate, total_steps=total, pct_start=cfg.onecycle_pct_start
+        )
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.min_lr)
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
+        )
+    return None
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a final batch of a single spectrum is dropped (batch norm needs 2)."""
+    perm = torch.randperm(n, generator=gen)
+    out = [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out.pop()
+    return out
+
+
+def _steps_per_epoch(n: int, batch_size: int) -> int:
+    k = math.ceil(n / batch_size)
+    if k > 1 and n % batch_size == 1:
+        k -= 1
+    return k
+
+
+@torch.inference_mode()
+def _evaluate_split(
+    model: nn.Module, data: _Tensors, in_channels: int, cfg: TrainConfig, dev: torch.device
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Validation NLL (standardised units) and the standardised mean and log-variance predictions."""
+    model.eval()
+    total, count = 0.0, 0
+    mus, lvs = [], []
+    n = len(data.X)
+    for s in range(0, n, cfg.eval_batch_size):
+        xb, vb, yb = (
+            data.X[s : s + cfg.eval_batch_size],
+            data.ivar[s : s + cfg.eval_batch_size],
+            data.y[s : s + cfg.eval_batch_size],
+        )
+        with _autocast(cfg, dev):
+            mu, lv = model(prepare_input(xb, vb, in_channels))
+        mu, lv = mu.float(), lv.float()
+        k = int(torch.isfinite(yb).sum())
+        total += float(gaussian_nll(mu, lv, yb)) * k
+        count += k
+        mus.append(mu.double().cpu().numpy())
+        lvs.append(lv.double().cpu().numpy())
+    return total / max(count, 1), np.concatenate(mus), np.concatenate(lvs)
+
+
+def _autocast(cfg: TrainConfig, dev: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if cfg.amp and dev.type == "cuda":
+        dtype = torch.bfloat16 if cfg.amp_dtype == "bf16" else torch.float16
+        return torch.autocast(device_type="cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _label_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
+    return {lab: regression_metrics(y_true[:, j], y_pred[:, j]) for j, lab in enumerate(labels)}
+
+
+def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(history)
+    with atomic_write(path, "w", encoding="utf-8", newline="") as fh:
+        df.to_csv(fh, index=False)
+    return df
+
+
+def _fingerprint(
+    model_config: ModelConfig, train_config: TrainConfig, labels: list[str], hashes: dict[str, str]
+) -> str:
+    tc = {k: v for k, v in train_config.to_dict().items() if k not in RESUME_FREE_FIELDS}
+    return hash_json({"model": model_config.to_dict(), "train": tc, "labels": labels, **hashes})
+
+
+def _refresh_plots(
+    plot_dir: Path,
+    name: str,
+    history: pd.DataFrame,
+    labels: list[str],
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    sigma: np.ndarray,
+    epoch: int,
+    which: str = "epoch",
+) -> None:
+    fig = plots.training_curves_figure(history, labels, title=f"{name}: training ({which} {epoch})")
+    save_figure(fig, plot_dir / f"{name}_training_curves.png")
+    fig = plots.pred_vs_true_figure(
+        y_true, y_pred, sigma, labels, title=f"{name}: validation, {which} {epoch}"
+    )
+    save_figure(fig, plot_dir / f"{name}_pred_vs_true.png")
+
+
+def train(
+    dataset_train: Dataset,
+    dataset_val: Dataset,
+    labels: Sequence[str],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    callbacks: Sequence[Callback] | None = None,
+    plot_dir: str | Path | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    name: str | None = None,
+) -> TrainResult:
+    """Train a network and save it as a run folder (see :mod:`specabund.training.saved`).
+
+    Parameters
+    ----------
+    dataset_train, dataset_val : Dataset
+        Training and validation data on the same wavelength grid and with the same ``preprocess_hash``.
+        Spectra without any of ``labels`` are dropped; single missing labels are masked in the loss.
+    labels : sequence of str
+        Labels to predict (columns of ``dataset.elements``), in output order.
+    model_config : ModelConfig
+        Architecture (``model_config.name`` must be registered).
+    train_config : TrainConfig
+        Optimisation settings.
+    run_dir : path
+        Output folder: ``model.safetensors``, ``config.json``, ``checkpoint.pt``, ``metrics.csv``.
+    resume : bool
+        Continue the run in ``run_dir`` from its last checkpoint. The data and configuration must be the
+        same (fields in ``RESUME_FREE_FIELDS`` excepted); a finished run is returned as it is. The result
+        equals that of an uninterrupted run.
+    callbacks : sequence of callables
+        ``cb(epoch, row)`` after each epoch (once the checkpoint is written); returning ``True`` stops
+        training as if early stopping had triggered.
+    plot_dir : path, optional
+        Folder for per-epoch tracking (``BatchTracker``, one row per epoch) and plots refreshed every
+        ``train_config.plot_every`` epochs.
+    progress : bool
+        Show a tqdm progress bar over epochs.
+    overwrite : bool
+        Start afresh even if ``run_dir`` holds a run (otherwise that raises ``ConfigError``).
+    name : str, optional
+        Prefix of the plot and summary files (default: the labels joined by ``'_'``).
+
+    Returns
+    -------
+    TrainResult
+    """
+    labels = list(labels)
+    if not labels:
+        raise ConfigError("no labels to train on")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"duplicate labels in {labels}")
+    if not np.array_equal(dataset_train.wavelength, dataset_val.wavelength):
+        raise DataMismatchError("training and validation data are on different wavelength grids")
+    if dataset_train.preprocess_hash != dataset_val.preprocess_hash:
+        raise DataMismatchError(
+            f"training and validation data differ in preprocess_hash "
+            f"({dataset_train.preprocess_hash!r} vs {dataset_val.preprocess_hash!r})"
+        )
+    run_dir = Path(run_dir)
+    name = name or "_".join(labels)
+    cfg = train_config
+    dev = resolve_device(cfg.device)
+    if cfg.amp and dev.type != "cuda":
+        logger.info("amp requested on %s: mixed precision is used on CUDA only; training in float32", dev)
+
+    Xt, vt, yt = _prepare_split(dataset_train, labels, "training")
+    Xv, vv, yv = _prepare_split(dataset_val, labels, "validation")
+    scaler = LabelScaler.fit(yt, labels)
+    hashes = {"train_data_hash": data_hash(Xt, vt, yt), "val_data_hash": data_hash(Xv, vv, yv)}
+    fingerprint = _fingerprint(model_config, cfg, labels, hashes)
+
+    ckpt_path = run_dir / CHECKPOINT_FILE
+    state: dict[str, Any] | None = None
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"{run_dir}: cannot resume, the checkpoint was made with a different configuration, label "
+                "set or data; use another run folder or overwrite"
+            )
+    elif not overwrite and any((run_dir / f).exists() for f in (CHECKPOINT_FILE, WEIGHTS_FILE)):
+        raise ConfigError(f"{run_dir} already holds a training run; pass resume=True or overwrite=True")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    with _torch_runtime(cfg, dev):
+        return _train_loop(
+            run_dir=run_dir,
+            labels=labels,
+            model_config=model_config,
+            cfg=cfg,
+            dev=dev,
+            train_np=(Xt, vt, yt),
+            val_np=(Xv, vv, yv),
+            scaler=scaler,
+            hashes=hashes,
+            fingerprint=fingerprint,
+            state=state,
+            wavelength=dataset_train.wavelength,
+            preprocess_hash=dataset_train.preprocess_hash,
+            callbacks=list(callbacks or []),
+            plot_dir=Path(plot_dir) if plot_dir is not None else None,
+            progress=progress,
+            name=name,
+        )
+
+
+def _train_loop(
+    *,
+    run_dir: Path,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    dev: torch.device,
+    train_np: tuple[np.ndarray, np.ndarray, np.ndarray],
+    val_np: tuple[np.ndarray, np.ndarray, np.ndarray],
+    scaler: LabelScaler,
+    hashes: dict[str, str],
+    fingerprint: str,
+    state: dict[str, Any] | None,
+    wavelength: np.ndarray,
+    preprocess_hash: str,
+    callbacks: list[Callback],
+    plot_dir: Path | None,
+    progress: bool,
+    name: str,
+) -> TrainResult:
+    # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
+    # initialisation and dropout reproducible from the config seed.
+    torch.manual_seed(cfg.seed)
+    seeds = np.random.SeedSequence(cfg.seed).generate_state(2, dtype=np.uint32)
+    shuffle_gen = torch.Generator().manual_seed(int(seeds[0]))
+    aug_gen = torch.Generator().manual_seed(int(seeds[1]))
+
+    n_pixels = int(train_np[0].shape[1])
+    model = build_model(model_config, n_pixels, len(labels)).to(dev)
+    optimizer = _make_optimizer(model, cfg)
+    steps = _steps_per_epoch(len(train_np[0]), cfg.batch_size)
+    scheduler = _make_scheduler(optimizer, cfg, steps)
+    use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "fp16"
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    augmenter = Augmenter(cfg.augment, wavelength)
+    train_t = _to_tensors(*train_np, scaler, dev)
+    val_t = _to_tensors(*val_np, scaler, dev)
+
+    history: list[dict[str, Any]] = []
+    best_val = math.inf
+    best_epoch = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs = 0
+    start_epoch = 0
+    finished = False
+    stopped_early = False
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state.get("grad_scaler"):
+            grad_scaler.load_state_dict(state["grad_scaler"])
+        history = list(state["history"])
+        best_val = float(state["best_val"])
+        best_epoch = int(state["best_epoch"])
+        best_state = state["best_state"]
+        bad_epochs = int(state["bad_epochs"])
+        start_epoch = int(state["epoch"])
+        finished = bool(state["finished"])
+        stopped_early = bool(state.get("stopped_early", False))
+        torch.set_rng_state(state["rng_torch"])
+        if dev.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], dev)
+        shuffle_gen.set_state(state["rng_shuffle"])
+        aug_gen.set_state(state["rng_augment"])
+        logger.info("resuming %s after epoch %d", run_dir, start_epoch)
+
+    tracker = BatchTracker(plot_dir, name) if plot_dir is not None else None
+    epochs = range(start_epoch + 1, cfg.epochs + 1)
+    bar = None
+    if progress and not finished:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"train {name}", unit="epoch")
+    in_ch = model_config.in_channels
+    n_train = len(train_t.X)
+    mu_v = lv_v = None
+    try:
+        for epoch in epochs:
+            if finished:
+                break
+            t0 = time.perf_counter()
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            model.train()
+            use_mse = epoch <= cfg.mse_warmup_epochs
+            loss_sum, loss_n = 0.0, 0
+            for idx in _batches(n_train, cfg.batch_size, shuffle_gen):
+                idx_d = idx.to(dev)
+                xb, vb = augmenter(train_t.X[idx_d], train_t.ivar[idx_d], aug_gen)
+                yb = train_t.y[idx_d]
+                with _autocast(cfg, dev):
+                    mu, lv = model(prepare_input(xb, vb, in_ch))
+                loss = (
+                    masked_mse(mu, yb)
+                    if use_mse
+                    else gaussian_nll(mu, lv, yb, model_config.logvar_min, model_config.logvar_max)
+                )
+                optimizer.zero_grad(set_to_none=True)
+                grad_scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    grad_scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                grad_scaler.step(optimizer)
+                grad_scaler.update()
+                if scheduler is not None and cfg.scheduler in ("onecycle", "cosine"):
+                    scheduler.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                loss_n += len(idx)
+            train_loss = loss_sum / max(loss_n, 1)
+            val_loss, mu_v, lv_v = _evaluate_split(model, val_t, in_ch, cfg, dev)
+            pred_v = scaler.inverse(mu_v)
+            lab_metrics = _label_metrics(val_t.y_phys, pred_v, labels)
+            if cfg.scheduler == "plateau" and scheduler is not None:
+                scheduler.step(val_loss)
+            improved = val_loss < best_val - cfg.min_delta
+            if improved:
+                best_val, best_epoch, bad_epochs = val_loss, epoch, 0
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "loss_kind": "mse" if use_mse else "nll",
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "best_epoch": best_epoch,
+            }
+            for lab in labels:
+                for key in METRIC_KEYS:
+                    row[f"{lab}_{key}"] = lab_metrics[lab][key]
+            row["epoch_time_s"] = time.perf_counter() - t0
+            row["memory_mb"] = _memory_mb(dev)
+            history.append(row)
+            df = _write_metrics_csv(run_dir / METRICS_FILE, history)
+            stop = cfg.early_stopping > 0 and bad_epochs >= cfg.early_stopping
+            finished = stop or epoch == cfg.epochs
+            stopped_early = stop
+            if tracker is not None and plot_dir is not None:
+                tracker.record(epoch, {k: v for k, v in row.items() if k not in ("epoch", "loss_kind")})
+                if epoch % cfg.plot_every == 0 or finished:
+                    sig = np.exp(0.5 * lv_v) * scaler.std
+                    _refresh_plots(plot_dir, name, df, labels, val_t.y_phys, pred_v, sig, epoch)
+            ckpt = {
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "grad_scaler": grad_scaler.state_dict() if use_scaler else {},
+                "history": history,
+                "best_val": best_val,
+                "best_epoch": best_epoch,
+                "best_state": best_state,
+                "bad_epochs": bad_epochs,
+                "finished": False,
+                "stopped_early": stopped_early,
+                "rng_torch": torch.get_rng_state(),
+                "rng_shuffle": shuffle_gen.get_state(),
+                "rng_augment": aug_gen.get_state(),
+            }
+            if dev.type == "cuda":
+                ckpt["rng_cuda"] = torch.cuda.get_rng_state(dev)
+            save_checkpoint(run_dir / CHECKPOINT_FILE, ckpt)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best_epoch)
+            for cb in callbacks:
+                if cb(epoch, dict(row)):
+                    finished = stopped_early = True
+            if finished:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if best_state is None:
+        raise ConfigError(f"{run_dir}: no epoch was completed")
+    model.load_state_dict(best_state)
+    best_row = next(r for r in history if int(r["epoch"]) == best_epoch)
+    final_metrics = {lab: {k: best_row[f"{lab}_{k}"] for k in METRIC_KEYS} for lab in labels}
+    for lab in labels:
+        final_metrics[lab]["n"] = int(np.isfinite(val_t.y_phys[:, labels.index(lab)]).sum())
+    save_weights(run_dir / WEIGHTS_FILE, model)
+    config = {
+        "format_version": 1,
+        "specabund_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model_config.to_dict(),
+        "train": cfg.to_dict(),
+        "labels": labels,
+        "label_mean": scaler.mean.tolist(),
+        "label_std": scaler.std.tolist(),
+        "wavelength": grid_info(wavelength),
+        "preprocess_hash": str(preprocess_hash),
+        **hashes,
+        "n_train": len(train_t.X),
+        "n_val": len(val_t.X),
+        "best_epoch": best_epoch,
+        "best_val_loss": best_val,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "final_metrics": final_metrics,
+    }
+    write_config(run_dir, config)
+    final_state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    if not final_state.get("finished"):
+        final_state["finished"] = True
+        final_state["stopped_early"] = stopped_early
+        save_checkpoint(run_dir / CHECKPOINT_FILE, final_state)
+    if tracker is not None and plot_dir is not None:
+        tracker.finalize(["train_loss", "val_loss", "lr", *(f"{lab}_rmse" for lab in labels)])
+        if mu_v is not None and lv_v is not None:
+            # pred-vs-true of the kept (best) weights
+            _, mu_b, lv_b = _evaluate_split(model, val_t, in_ch, cfg, dev)
+            _refresh_plots(
+                plot_dir,
+                name,
+                pd.DataFrame(history),
+                labels,
+                val_t.y_phys,
+                scaler.inverse(mu_b),
+                np.exp(0.5 * lv_b) * scaler.std,
+                best_epoch,
+                which="best epoch",
+            )
+    return TrainResult(
+        run_dir=run_dir,
+        best_epoch=best_epoch,
+        best_val_loss=best_val,
+        epochs_run=len(history),
+        stopped_early=stopped_early,
+        history=pd.DataFrame(history),
+        final_metrics=final_metrics,
+    )
+
+
+def train_ensemble(
+    dataset_train: Dataset,
+    dataset_val: Dataset,
+    labels: Sequence[str],
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    run_dir: str | Path,
+    n_members: int,
+    resume: bool = False,
+    callbacks: Sequence[Callback] | None = None,
+    plot_dir: str | Path | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    name: str | None = None,
+) -> list[TrainResult]:
+    """Train ``n_members`` networks with seeds ``seed + k`` in ``run_dir/member_<k>``.
+
+    Writes ``run_dir/ensemble.json`` (member folders) so that :func:`~specabund.training.load_model`
+    returns a :class:`~specabund.training.saved.LoadedEnsemble`. Plots of member ``k`` go to
+    ``plot_dir/member_<k>``. Other parameters as in :func:`train`.
+    """
+    if n_members < 1:
+        raise ConfigError(f"ensemble size must be >= 1, got {n_members}")
+    run_dir = Path(run_dir)
+    results = []
+    members = []
+    for k in range(n_members):
+        member_cfg = copy.deepcopy(train_config)
+        member_cfg.seed = train_config.seed + k
+        sub = f"member_{k}"
+        results.append(
+            train(
+                dataset_train,
+                dataset_val,
+                labels,
+                model_config,
+                member_cfg,
+                run_dir / sub,
+                resume=resume,
+                callbacks=callbacks,
+                plot_dir=Path(plot_dir) / sub if plot_dir is not None else None,
+                progress=progress,
+                overwrite=overwrite,
+                name=name,
+            )
+        )
+        members.append(sub)
+    from ..utils import atomic_write_json
+
+    atomic_write_json(
+        run_dir / ENSEMBLE_FILE,
+        {
+            "n_members": n_members,
+            "members": members,
+            "seeds": [train_config.seed + k for k in range(n_members)],
+        },
+    )
+    return results
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "RESUME_FREE_FIELDS",
+    "TrainConfig",
+    "TrainResult",
+    "resolve_device",
+    "train",
+    "train_ensemble",
+]

@@ -1,0 +1,68 @@
+"""``specabund train``, ``test`` and ``all`` end to end on a small simulated set (CliRunner)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from specabund.cli import main
+from specabund.preprocess import PipelineSettings, run_preprocess
+from specabund.simulate import simulate_dataset
+
+FAST = ["--model-name", "rescnn_small", "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("work")
+    simulate_dataset(80, root / "sim", seed=3, prediction_fraction=0.0)
+    run_preprocess(
+        fits_dir=root / "sim" / "fits",
+        output_dir=root / "processed_data",
+        reference_csv=root / "sim" / "X_FE.csv",
+        settings=PipelineSettings(chunk_size=100),
+    )
+    return root
+
+
+def _invoke(work: Path, *args: str) -> str:
+    r = CliRunner().invoke(main, ["--workdir", str(work), *args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_train_then_test(work: Path) -> None:
+    out = _invoke(work, "train", "--elements", "c_fe", "MG_FE", *FAST, "--run-name", "run1")
+    run = work / "models" / "run1"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["labels"] == ["C_FE", "MG_FE", "TEFF", "LOGG", "FE_H"]
+    assert (run / "model.safetensors").exists() and (run / "resolved_config.toml").exists()
+    assert "saved model" in out
+    assert (work / "results" / "training_C_FE_MG_FE_batch_results" / "batch_tracking.csv").exists()
+
+    out = _invoke(work, "test", "--model", "run1", "--data-path", "processed_data/test_dataset.npz")
+    pred = pd.read_csv(work / "results" / "evaluation" / "predictions.csv")
+    for col in ("spec", "snr", "C_FE_true", "C_FE_pred", "C_FE_err", "MG_FE_pred"):
+        assert col in pred.columns
+    n_test = len(np.load(work / "processed_data" / "test_dataset.npz")["X"])
+    assert len(pred) == n_test
+    assert "RMSE" in out
+    comp = pd.read_csv(work / "results" / "baseline" / "comparison.csv")
+    assert set(comp[comp["model"] == "cnn"]["element"]) == {"C_FE", "MG_FE"}
+
+
+def test_unknown_element_is_a_clear_error(work: Path) -> None:
+    r = CliRunner().invoke(main, ["--workdir", str(work), "train", "--elements", "XX_FE", *FAST])
+    assert r.exit_code == 1
+    assert "XX_FE" in r.output and "valid choices" in r.output and "C_FE" in r.output
+
+
+def test_all_trains_and_tests(work: Path) -> None:
+    out = _invoke(work, "all", "--elements", "CA_FE", *FAST, "--run-name", "run_all")
+    assert (work / "models" / "run_all" / "model.safetensors").exists()
+    assert "evaluated model run_all" in out
