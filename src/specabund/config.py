@@ -39,6 +39,9 @@ POSITIVE: tuple[str, ...] = (
     "tuning.n_trials",
     "tuning.batch_size_hyperopt",
     "tuning.batches_per_round",
+    "tuning.trials_per_round",
+    "tuning.epochs_per_trial",
+    "tuning.grid_points",
     "analysis.analysis_batch_size",
 )
 

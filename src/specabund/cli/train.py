@@ -98,6 +98,7 @@ def _train(
     config_file: str | None,
     resume: str | None,
     run_name: str | None,
+    overwrite: bool = False,
 ) -> Path:
     from ..config import load_config, save_config
     from ..training.trainer import resolve_device, train, train_ensemble
@@ -125,7 +126,7 @@ def _train(
         labels,
         device,
     )
-    kw = dict(resume=bool(resume), plot_dir=plot_dir, progress=True, name=name)
+    kw = dict(resume=bool(resume), plot_dir=plot_dir, progress=True, name=name, overwrite=overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "resolved_config.toml")
     if ensemble > 1:
@@ -174,6 +175,7 @@ _train_options = [
         "--model-name", default=None, help="Registered architecture (rescnn, rescnn_small, rescnn_wide)."
     ),
     click.option("--run-name", default=None, help="Folder name under models/ [labels + time stamp]."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing run of the same name."),
     config_option(),
 ]
 
@@ -420,7 +422,16 @@ def all_cmd(ctx: click.Context, **kw: Any) -> None:
     if kw["tuned"] and config_file is None and tuned.exists():
         click.echo(f"using tuned parameters {tuned}")
         config_file = str(tuned)
-    run_dir = _train(ctx, kw["data_path"], kw["elements"], _overrides(kw), config_file, None, kw["run_name"])
+    run_dir = _train(
+        ctx,
+        kw["data_path"],
+        kw["elements"],
+        _overrides(kw),
+        config_file,
+        None,
+        kw["run_name"],
+        kw["overwrite"],
+    )
     data_path = ws.resolve(kw["data_path"])
     test_path = (
         data_path if data_path.name == "reference_dataset.npz" else data_path.with_name("test_dataset.npz")

@@ -8,9 +8,7 @@ from pathlib import Path
 import click
 
 from ..config import load_config, save_config
-from ..dataset import Dataset, load_dataset
-from ..elements import resolve_labels
-from ..errors import DataMismatchError
+from ..errors import SpecabundError
 from . import main, setup_logging
 from .options import config_option, elements_option
 
@@ -38,30 +36,13 @@ Example:
 """
 
 
-def _split_data(data_path: Path) -> tuple[Dataset, Dataset]:
-    """Training and validation rows of ``data_path`` (validation from a sibling val_dataset.npz if absent)."""
-    ds = load_dataset(data_path)
-    train_ds = ds.split_subset("train")
-    val_ds = ds.split_subset("val")
-    if len(val_ds) == 0:
-        sibling = data_path.parent / "val_dataset.npz"
-        if sibling.exists() and sibling.resolve() != data_path.resolve():
-            val_ds = load_dataset(sibling).split_subset("val")
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise DataMismatchError(
-            f"{data_path}: tuning needs training (split 0) and validation (split 1) spectra, found "
-            f"{len(train_ds)} and {len(val_ds)}; use processed_data/reference_dataset.npz"
-        )
-    return train_ds, val_ds
-
-
 @main.command("tune", epilog=TUNE_EPILOG)
 @click.option(
     "--data-path",
     type=click.Path(path_type=Path),
     default=Path("processed_data/reference_dataset.npz"),
     show_default=True,
-    help="Dataset with train (split 0) and validation (split 1) spectra.",
+    help="Reference dataset (train/val split column), or a train file with val_dataset.npz beside it.",
 )
 @elements_option()
 @config_option()
@@ -130,6 +111,7 @@ def tune_cmd(
         write_report,
     )
     from ..tuning.storage import resolve_storage
+    from .train import choose_labels, load_training_data
 
     ws = ctx.obj["ws"]
     log_file = setup_logging(ws, "tune", ctx.obj["verbose"])
@@ -160,11 +142,18 @@ def tune_cmd(
 
     if report_only:
         study, desc = open_study(options, out_dir)
+        if not study.get_trials(deepcopy=False):
+            raise SpecabundError(
+                f"study {options.study_name!r} in {desc} has no trials; run `specabund tune` first"
+            )
         summary = write_report(study, out_dir, space=space, storage=desc, seed=options.seed)
     else:
-        train_ds, val_ds = _split_data(ws.resolve(data_path))
-        requested = list(elements) or list(cfg["data"]["elements"])
-        labels = resolve_labels(requested, train_ds.elements, what=f"dataset {data_path}")
+        # the same data split and label choice as `specabund train`
+        train_ds, val_ds, _ = load_training_data(ws.resolve(data_path))
+        requested = tuple(elements) or tuple(cfg["data"]["elements"])
+        labels = choose_labels(
+            requested, list(train_ds.elements), bool(cfg["data"]["include_stellar_parameters"])
+        )
         device = str(resolve_device(cfg["training"]["device"]))
         base_model = model_config_from_sections(cfg)
         base_train = train_config_from_sections(cfg, device=device)

@@ -1,0 +1,251 @@
+"""``specabund analyze``, ``specabund show-results`` and ``specabund report``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from . import main, setup_logging
+from .options import config_option, elements_option
+
+log = logging.getLogger("specabund.cli")
+
+for _name in ("analyze", "show-results", "report"):
+    main.commands.pop(_name, None)  # replace the "not built yet" stubs
+
+ANALYSIS_TYPES = ("feature_importance", "residual_analysis", "both")
+
+
+@main.command("analyze")
+@elements_option("Labels to analyse (default: every abundance the model predicts).")
+@click.option(
+    "--type",
+    "analysis_type",
+    type=click.Choice(ANALYSIS_TYPES),
+    default="both",
+    show_default=True,
+    help="Feature importance (integrated gradients + occlusion), residual analysis, or both.",
+)
+@click.option(
+    "--analysis-batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Spectra per analysis batch [config analysis.analysis_batch_size].",
+)
+@click.option(
+    "--save-batch-results",
+    is_flag=True,
+    help="Write per-batch plots, reports and batch_tracking.csv "
+    "(an interrupted run continues at the next batch).",
+)
+@click.option("--model", "model_run", default=None, help="Model run under models/ (default: the newest).")
+@click.option(
+    "--data-path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Dataset to analyse [processed_data/test_dataset.npz].",
+)
+@click.option(
+    "--max-spectra",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Analyse at most this many spectra, 0 = all [config analysis.max_spectra].",
+)
+@click.option(
+    "--top-n", type=click.IntRange(min=1), default=None, help="Regions listed [analysis.top_n_regions]."
+)
+@click.option("--ig-steps", type=click.IntRange(min=1), default=None, help="Integrated-gradients steps.")
+@click.option("--device", default=None, help="cpu, cuda or auto [config training.device].")
+@config_option()
+@click.pass_context
+def analyze_cmd(
+    ctx: click.Context,
+    elements: tuple[str, ...],
+    analysis_type: str,
+    analysis_batch_size: int | None,
+    save_batch_results: bool,
+    model_run: str | None,
+    data_path: Path | None,
+    max_spectra: int | None,
+    top_n: int | None,
+    ig_steps: int | None,
+    device: str | None,
+    config_file: str | None,
+) -> None:
+    """Which wavelengths drive each prediction, and how the residuals behave.
+
+    \b
+    Examples:
+      specabund analyze --elements MG_FE CA_FE --type feature_importance
+      specabund analyze --elements C_FE --type both --save-batch-results --analysis-batch-size 32
+      specabund analyze --model run_20261129-101500 --data-path processed_data/test_dataset.npz
+
+    \b
+    Outputs: results/feature_importance/<label>_{feature_importance.png,top_regions.csv,explanation.txt}
+             results/residual_analysis/<label>_{residual_analysis.png,residual_report.txt,predictions.csv}
+             and with --save-batch-results the <label>_batch_results/ folders.
+    """
+    from ..analysis import ImportanceSettings, run_feature_importance, run_residual_analysis
+    from ..analysis.runner import FEATURE_IMPORTANCE_DIR, RESIDUAL_ANALYSIS_DIR
+    from ..config import load_config, save_config
+    from ..dataset import load_dataset
+    from ..elements import is_abundance, normalize_label
+    from ..errors import SpecabundError
+    from ..runs import resolve_run
+    from ..training import load_model, resolve_device
+
+    ws = ctx.obj["ws"]
+    log_file = setup_logging(ws, "analyze", ctx.obj["verbose"])
+    cfg = load_config(
+        config_file,
+        {
+            "analysis.analysis_batch_size": analysis_batch_size,
+            "analysis.max_spectra": max_spectra,
+            "analysis.top_n_regions": top_n,
+            "analysis.ig_steps": ig_steps,
+            "training.device": device,
+        },
+    )
+    acfg = cfg["analysis"]
+    settings = ImportanceSettings.from_mapping(acfg)
+    run_dir = resolve_run(ws.resolve(cfg["paths"]["models_dir"]), model_run)
+    dev = resolve_device(cfg["training"]["device"])
+    model = load_model(run_dir, dev)
+    path = ws.resolve(data_path or Path(cfg["paths"]["processed_dir"]) / "test_dataset.npz")
+    if not path.exists():
+        raise SpecabundError(f"{path}: no such dataset; run 'specabund preprocess' or give --data-path")
+    ds = load_dataset(path)
+    model.check_compatible(ds)
+    if elements:
+        labels = [normalize_label(e) for e in elements]
+        unknown = [lab for lab in labels if lab not in model.labels]
+        if unknown:
+            raise SpecabundError(
+                f"model {run_dir.name} does not predict {unknown}; it predicts {model.labels}"
+            )
+    else:
+        labels = [lab for lab in model.labels if is_abundance(lab)] or list(model.labels)
+    results = ws.resolve(cfg["paths"]["results_dir"])
+    kinds = ["feature_importance", "residual_analysis"] if analysis_type == "both" else [analysis_type]
+    batch = int(acfg["analysis_batch_size"])
+    max_n = int(acfg["max_spectra"]) or None
+    seed = int(cfg["data"]["seed"])
+    click.echo(f"model {run_dir.name} on {dev}; data {path} ({len(ds)} spectra); labels {', '.join(labels)}")
+    for kind in kinds:
+        out = results / (FEATURE_IMPORTANCE_DIR if kind == "feature_importance" else RESIDUAL_ANALYSIS_DIR)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "resolved_config.toml")
+        for lab in labels:
+            if kind == "feature_importance":
+                res = run_feature_importance(
+                    model, ds, lab, out, settings=settings, batch_size=batch,
+                    save_batch_results=save_batch_results, max_spectra=max_n, seed=seed,
+                )  # fmt: skip
+                s = res.summary
+                click.echo(
+                    f"{lab} feature importance ({s['n_spectra']} spectra): own-line fraction "
+                    f"{s['own_fraction']:.1%} ({s['enrichment']:.2f}x chance); "
+                    f"IG completeness {s['ig_relative_delta']:.1e}"
+                )
+                click.echo(f"  {s['verdict']}")
+            else:
+                if lab not in ds.elements:
+                    click.echo(f"{lab}: no true values in {path.name}; residual analysis skipped")
+                    continue
+                res = run_residual_analysis(
+                    model, ds, lab, out, batch_size=batch, save_batch_results=save_batch_results,
+                    max_spectra=max_n, seed=seed, snr_bins=tuple(cfg["evaluation"]["snr_bins"]),
+                )  # fmt: skip
+                s = res.summary
+                click.echo(
+                    f"{lab} residuals (n={s['n']}): RMSE {s['rmse']:.4g}, MAE {s['mae']:.4g}, bias "
+                    f"{s['bias']:+.3g}, robust scatter {s['robust_scatter']:.4g}, R2 {s['r2']:.3f}"
+                )
+            if res.batches_skipped:
+                click.echo(f"  resumed: batches {res.batches_skipped} were already done")
+            for role in ("plot", "regions", "explanation", "report", "predictions", "batch_folder"):
+                if role in res.files:
+                    click.echo(f"  {role}: {res.files[role]}")
+    click.echo(f"log: {log_file}")
+
+
+@main.command("show-results")
+@elements_option("Labels to show (default: all found).")
+@click.option(
+    "--result-type",
+    type=click.Choice(["training", "evaluation", "prediction", "analysis", "tuning", "baseline"]),
+    required=True,
+    help="Which stage's results to show.",
+)
+@click.option(
+    "--analysis-type",
+    type=click.Choice(["feature_importance", "residual_analysis"]),
+    default=None,
+    help="With --result-type analysis: only this analysis (default both).",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@config_option()
+@click.pass_context
+def show_results_cmd(
+    ctx: click.Context,
+    elements: tuple[str, ...],
+    result_type: str,
+    analysis_type: str | None,
+    fmt: str,
+    config_file: str | None,
+) -> None:
+    """Print the batch results of any stage: metrics per batch, trends and where the plots are.
+
+    \b
+    Examples:
+      specabund show-results --result-type training --elements C_FE
+      specabund show-results --result-type analysis --analysis-type residual_analysis
+      specabund show-results --result-type baseline --format json
+    """
+    from ..analysis.show import collect_results, render_json, render_text
+    from ..config import load_config
+    from ..elements import normalize_label
+
+    ws = ctx.obj["ws"]
+    cfg = load_config(config_file)
+    results = ws.resolve(cfg["paths"]["results_dir"])
+    labels = [normalize_label(e) for e in elements] or None
+    found = collect_results(results, result_type, labels, analysis_type)
+    if fmt == "json":
+        click.echo(json.dumps(render_json(found), indent=2))
+    else:
+        click.echo(render_text(found))
+
+
+@main.command("report")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="HTML file to write [results/report.html].",
+)
+@config_option()
+@click.pass_context
+def report_cmd(ctx: click.Context, output: Path | None, config_file: str | None) -> None:
+    """Write one self-contained HTML page with the key metrics and plots of every stage that has run.
+
+    \b
+    Example:
+      specabund report        # -> results/report.html
+    """
+    from ..analysis.report_html import write_report
+    from ..config import load_config
+
+    ws = ctx.obj["ws"]
+    setup_logging(ws, "report", ctx.obj["verbose"])
+    cfg = load_config(config_file)
+    results = ws.resolve(cfg["paths"]["results_dir"])
+    out = ws.resolve(output) if output is not None else results / "report.html"
+    info = write_report(results, out, plots_dir=ws.resolve(cfg["paths"]["plots_dir"]))
+    click.echo(f"wrote {out} ({info['n_images']} images)")
+    click.echo(f"  sections: {', '.join(info['included']) or 'none'}")
+    if info["omitted"]:
+        click.echo(f"  not run yet: {', '.join(info['omitted'])}")

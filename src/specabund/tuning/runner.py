@@ -1,0 +1,482 @@
+"""Batch hyperparameter optimisation: the optuna study, its objective and its resumption.
+
+Rounds and batches
+    The training split is shuffled once (``seed``) and cut into batches of ``batch_size_hyperopt``
+    spectra. Trial number ``k`` belongs to round ``r = k // trials_per_round`` and trains on the
+    ``batches_per_round`` batches ``r * batches_per_round + j`` (``j = 0 .. batches_per_round - 1``,
+    modulo the number of batches): every round sees fresh spectra, successive rounds sweep the whole
+    training split, and a trial never holds more than ``batches_per_round * batch_size_hyperopt`` spectra in
+    memory on the device. The validation split is fixed, so validation losses of all rounds compare.
+
+Pruning
+    The validation loss of every epoch is reported to optuna through the trainer's epoch callback; a trial
+    the pruner (median by default) judges hopeless stops there and is recorded PRUNED.
+
+Counting and resuming
+    ``n_trials`` is the study's total of COMPLETE + PRUNED trials. A new or resumed run first marks FAIL
+    the trials left RUNNING by dead processes (see :mod:`specabund.tuning.storage`), then runs only the
+    missing trials. With several processes on one study, a trial whose number comes after ``n_trials``
+    finished or running trials is dropped at its start (recorded FAIL with ``user_attrs['surplus']``), so
+    the processes together finish exactly ``n_trials`` trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from ..dataset import Dataset
+from ..errors import ConfigError, DataMismatchError
+from ..models import ModelConfig, build_model
+from ..training import TrainConfig, load_model, train
+from ..training.data import select_labels
+from .space import SearchSpace, with_fields
+from .storage import (
+    count_claimed,
+    count_done,
+    fail_dead_trials,
+    make_storage,
+    worker_identity,
+)
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("tpe", "grid", "random")
+PRUNERS = ("median", "percentile", "hyperband", "none")
+#: Keys of ``[tuning]`` read by :meth:`TuneOptions.from_config`.
+CONFIG_KEYS = (
+    "n_trials",
+    "method",
+    "batch_size_hyperopt",
+    "batches_per_round",
+    "trials_per_round",
+    "epochs_per_trial",
+    "timeout",
+    "pruner",
+    "pruner_startup_trials",
+    "pruner_warmup_epochs",
+    "grid_points",
+    "storage",
+    "study_name",
+    "seed",
+)
+
+EpochHook = Callable[[optuna.Trial, int, dict[str, Any]], None]
+
+
+class _SurplusTrial(Exception):
+    """Raised at the start of a trial that would exceed ``n_trials`` (other workers claimed the rest)."""
+
+
+@dataclass
+class TuneOptions:
+    """Settings of a tuning run (``[tuning]`` in the configuration; CLI flags override).
+
+    Parameters
+    ----------
+    n_trials : int
+        Total COMPLETE + PRUNED trials the study should hold.
+    method : str
+        ``'tpe'``, ``'grid'`` or ``'random'``.
+    batch_size_hyperopt, batches_per_round : int
+        Spectra per training batch and batches per round (see the module docstring).
+    trials_per_round : int
+        Trials that share a round's batches.
+    epochs_per_trial : int
+        Epochs each trial trains (at most; pruning stops earlier).
+    timeout : float, optional
+        Stop starting new trials after this many seconds (``None`` or 0: no limit).
+    pruner : str
+        ``'median'``, ``'percentile'`` (25th), ``'hyperband'`` or ``'none'``.
+    pruner_startup_trials, pruner_warmup_epochs : int
+        No pruning before this many trials finished / within the first epochs of a trial.
+    grid_points : int
+        Values per range for the grid sampler.
+    storage : str
+        Storage specification (see :mod:`specabund.tuning.storage`); empty for the default SQLite file.
+    study_name : str
+        Name of the study inside the storage.
+    seed : int
+        Seed of the batch partition, of the trials' training and (with ``worker_id``) of the sampler.
+    worker_id : int, optional
+        Makes the sampler's random stream reproducible: seed ``(seed, trials already in the study,
+        worker_id)``. ``None`` mixes in the process id instead, so that concurrent workers never draw the
+        same random start-up trials.
+    keep_weights : bool
+        Keep each trial's ``model.safetensors`` (otherwise only its ``metrics.csv``/``config.json``).
+    """
+
+    n_trials: int = 50
+    method: str = "tpe"
+    batch_size_hyperopt: int = 1000
+    batches_per_round: int = 2
+    trials_per_round: int = 10
+    epochs_per_trial: int = 20
+    timeout: float | None = None
+    pruner: str = "median"
+    pruner_startup_trials: int = 5
+    pruner_warmup_epochs: int = 3
+    grid_points: int = 3
+    storage: str = ""
+    study_name: str = "specabund"
+    seed: int = 42
+    worker_id: int | None = None
+    keep_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"tuning.method = {self.method!r}; allowed values: {', '.join(METHODS)}")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"tuning.pruner = {self.pruner!r}; allowed values: {', '.join(PRUNERS)}")
+        for key in (
+            "n_trials",
+            "batch_size_hyperopt",
+            "batches_per_round",
+            "trials_per_round",
+            "epochs_per_trial",
+        ):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"tuning.{key} = {getattr(self, key)!r}; must be >= 1")
+        if self.batch_size_hyperopt < 2:
+            raise ConfigError("tuning.batch_size_hyperopt must be >= 2")
+        if self.pruner_startup_trials < 0 or self.pruner_warmup_epochs < 0:
+            raise ConfigError("tuning.pruner_startup_trials and pruner_warmup_epochs must be >= 0")
+        if self.grid_points < 2:
+            raise ConfigError(f"tuning.grid_points = {self.grid_points}; must be >= 2")
+        if self.timeout is not None and self.timeout <= 0:
+            self.timeout = None
+        if not self.study_name or any(c in self.study_name for c in "/\\"):
+            raise ConfigError(
+                f"tuning.study_name = {self.study_name!r}; must be a non-empty name without slashes"
+            )
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> TuneOptions:
+        """Options from a ``[tuning]`` table, with ``overrides`` (``None`` values ignored)."""
+        data = {k: section[k] for k in CONFIG_KEYS if k in section}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TuneResult:
+    """Outcome of :func:`run_tuning`.
+
+    Attributes
+    ----------
+    study : optuna.Study
+        The study (in its storage).
+    storage : str
+        Description of the storage (journal path or RDB URL).
+    n_done : int
+        COMPLETE + PRUNED trials in the study now.
+    ran : list of int
+        Numbers of the trials this call finished (COMPLETE or PRUNED).
+    failed_stale : list of int
+        Trials of dead workers this call marked FAIL.
+    """
+
+    study: optuna.Study
+    storage: str
+    n_done: int
+    ran: list[int] = field(default_factory=list)
+    failed_stale: list[int] = field(default_factory=list)
+
+
+def batch_partition(n_train: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Indices of the training spectra cut into shuffled batches of ``batch_size`` (the last may be short)."""
+    if n_train < 2:
+        raise DataMismatchError(f"need at least 2 training spectra for tuning, got {n_train}")
+    perm = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7A6E])).permutation(n_train)
+    return [perm[s : s + batch_size] for s in range(0, n_train, batch_size)]
+
+
+def round_batches(n_batches: int, batches_per_round: int, round_index: int) -> list[int]:
+    """Batch numbers used in round ``round_index`` (consecutive, wrapping around the partition)."""
+    k = min(batches_per_round, n_batches)
+    return [(round_index * batches_per_round + j) % n_batches for j in range(k)]
+
+
+def count_parameters(model_config: ModelConfig, n_pixels: int, n_labels: int) -> int:
+    """Trainable parameters of the network ``model_config`` builds for the data."""
+    net = build_model(model_config, n_pixels, n_labels)
+    return int(sum(p.numel() for p in net.parameters() if p.requires_grad))
+
+
+def make_sampler(
+    method: str, space: SearchSpace, options: TuneOptions, sampler_seed: int
+) -> optuna.samplers.BaseSampler:
+    """The optuna sampler of ``method``."""
+    if method == "grid":
+        return optuna.samplers.GridSampler(space.grid(options.grid_points), seed=sampler_seed)
+    if method == "random":
+        return optuna.samplers.RandomSampler(seed=sampler_seed)
+    startup = max(2, min(10, options.n_trials // 3))
+    return optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup, constant_liar=True)
+
+
+def make_pruner(options: TuneOptions) -> optuna.pruners.BasePruner:
+    """The optuna pruner of ``options.pruner``."""
+    if options.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=options.pruner_startup_trials, n_warmup_steps=options.pruner_warmup_epochs
+        )
+    if options.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(
+            25.0, n_startup_trials=options.pruner_startup_trials, n_warmup_steps=options.pruner_warmup_epochs
+        )
+    if options.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=options.epochs_per_trial)
+    return optuna.pruners.NopPruner()
+
+
+def _val_loss_se(
+    run_dir: Path, device: str, X: np.ndarray, ivar: np.ndarray, y: np.ndarray, model_config: ModelConfig
+) -> tuple[float, float]:
+    """Mean and standard error (over validation spectra) of the Gaussian NLL of the kept weights."""
+    loaded = load_model(run_dir, device)
+    with torch.inference_mode():
+        mu, lv = loaded.predict_standardised(X, ivar)  # type: ignore[union-attr]
+    lv = np.clip(lv, model_config.logvar_min, model_config.logvar_max)
+    z = (y - loaded.scaler.mean) / loaded.scaler.std  # type: ignore[union-attr]
+    nll = 0.5 * (lv + (z - mu) ** 2 * np.exp(-lv))
+    nll = np.where(np.isfinite(z), nll, np.nan)
+    per_spec = np.nanmean(nll, axis=1)
+    n = len(per_spec)
+    se = float(np.std(per_spec, ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return float(np.nanmean(nll)), se
+
+
+def _user_attr_jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _user_attr_jsonable(value.item())
+    if isinstance(value, dict):
+        return {str(k): _user_attr_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_user_attr_jsonable(v) for v in value]
+    return value
+
+
+def open_study(
+    options: TuneOptions,
+    output_dir: Path,
+    *,
+    sampler_seed: int | None = None,
+    space: SearchSpace | None = None,
+) -> tuple[optuna.Study, str]:
+    """Create or load the study named by ``options`` (``load_if_exists``)."""
+    storage, desc = make_storage(options.storage, output_dir, options.study_name)
+    sampler = make_sampler(options.method, space, options, sampler_seed or 0) if space is not None else None
+    study = optuna.create_study(
+        storage=storage,
+        study_name=options.study_name,
+        direction="minimize",
+        sampler=sampler,
+        pruner=make_pruner(options),
+        load_if_exists=True,
+    )
+    return study, desc
+
+
+def run_tuning(
+    train_data: Dataset,
+    val_data: Dataset,
+    labels: Sequence[str],
+    space: SearchSpace,
+    base_model: ModelConfig,
+    base_train: TrainConfig,
+    options: TuneOptions,
+    output_dir: str | Path,
+    *,
+    epoch_hook: EpochHook | None = None,
+    trial_callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+) -> TuneResult:
+    """Run (or continue) the study until it holds ``options.n_trials`` COMPLETE + PRUNED trials.
+
+    Parameters
+    ----------
+    train_data, val_data : Dataset
+        Training spectra (cut into batches) and the fixed validation spectra.
+    labels : sequence of str
+        Labels to train on.
+    space : SearchSpace
+        The hyperparameters to tune.
+    base_model, base_train : ModelConfig, TrainConfig
+        Configuration of every trial before the sampled values are applied; ``base_train.epochs`` is
+        replaced by ``options.epochs_per_trial`` and ``base_train.device`` must name a device.
+    options : TuneOptions
+        Study settings.
+    output_dir : path
+        ``results/hyperopt``: the default storage and the trials' run folders (``trials/<study>/``).
+    epoch_hook : callable, optional
+        ``hook(trial, epoch, row)`` after every epoch of every trial (after the loss was reported).
+    trial_callbacks : sequence of callables
+        Extra optuna callbacks ``cb(study, frozen_trial)`` after every trial.
+
+    Returns
+    -------
+    TuneResult
+    """
+    labels = list(labels)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trial_train = with_fields(base_train, epochs=options.epochs_per_trial, plot_every=10**6)
+    space.check(base_model, trial_train)
+    n_pixels = train_data.n_pixels
+    if val_data.n_pixels != n_pixels:
+        raise DataMismatchError("training and validation data are on different wavelength grids")
+
+    # fixed validation arrays for the standard error of the loss
+    y_val = select_labels(val_data.y, val_data.elements, labels).astype(np.float64)
+    keep = np.isfinite(y_val).any(axis=1)
+    if not keep.any():
+        raise DataMismatchError(f"validation data have no spectrum with any of the labels {labels}")
+    val_X, val_ivar, y_val = val_data.X[keep], val_data.ivar[keep], y_val[keep]
+
+    batches = batch_partition(len(train_data), options.batch_size_hyperopt, options.seed)
+    trials_dir = output_dir / "trials" / options.study_name
+
+    # the study, first without a sampler seed to count what is there already
+    probe, _ = open_study(options, output_dir)
+    stale = fail_dead_trials(probe)
+    n_existing = len(probe.get_trials(deepcopy=False))
+    salt = options.worker_id if options.worker_id is not None else worker_identity()["pid"]
+    sampler_seed = int(np.random.SeedSequence([options.seed, n_existing, int(salt)]).generate_state(1)[0])
+    study, desc = open_study(options, output_dir, sampler_seed=sampler_seed, space=space)
+    study.set_user_attr("labels", labels)
+    study.set_user_attr("space", {p.name: p.to_dict() for p in space.params})
+    study.set_user_attr("n_batches", len(batches))
+    study.set_user_attr("n_train_total", len(train_data))
+    study.set_user_attr("n_val", int(keep.sum()))
+    study.set_user_attr("model_name", base_model.name)
+    study.set_user_attr("group_ratios", list(space.group_ratios))
+    study.set_user_attr("n_trials", options.n_trials)
+    study.set_user_attr("epochs_per_trial", options.epochs_per_trial)
+    study.set_user_attr("method", options.method)
+    me = worker_identity()
+    ran: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", me)
+        fail_dead_trials(study)
+        if count_claimed(study, before=trial.number) >= options.n_trials:
+            trial.set_user_attr("surplus", True)
+            study.stop()
+            raise _SurplusTrial(f"trial {trial.number}: the study already has {options.n_trials} trials")
+        params = space.suggest(trial)
+        model_cfg, train_cfg = space.apply(params, base_model, trial_train)
+        rnd = trial.number // options.trials_per_round
+        batch_ids = round_batches(len(batches), options.batches_per_round, rnd)
+        idx = np.sort(np.concatenate([batches[b] for b in batch_ids]))
+        n_params = count_parameters(model_cfg, n_pixels, len(labels))
+        trial.set_user_attr("round", rnd)
+        trial.set_user_attr("batches", batch_ids)
+        trial.set_user_attr("n_train", len(idx))
+        trial.set_user_attr("n_params", n_params)
+        losses: list[float] = []
+        state = {"pruned_at": 0, "diverged": False}
+
+        def on_epoch(epoch: int, row: dict[str, Any]) -> bool:
+            v = float(row["val_loss"])
+            losses.append(v)
+            if not math.isfinite(v):
+                state["diverged"] = True
+                return True
+            trial.report(v, epoch)
+            if epoch_hook is not None:
+                epoch_hook(trial, epoch, row)
+            if trial.should_prune():
+                state["pruned_at"] = epoch
+                return True
+            return False
+
+        run_dir = trials_dir / f"trial_{trial.number:05d}"
+        t0 = time.perf_counter()
+        result = None
+        try:
+            result = train(
+                train_data.subset(idx),
+                val_data,
+                labels,
+                model_cfg,
+                train_cfg,
+                run_dir,
+                callbacks=[on_epoch],
+                overwrite=True,
+                name=f"trial_{trial.number}",
+            )
+        except ConfigError:
+            if not state["diverged"] and all(math.isfinite(v) for v in losses):
+                raise
+            state["diverged"] = True
+        wall = time.perf_counter() - t0
+        trial.set_user_attr("val_loss_per_epoch", _user_attr_jsonable(losses))
+        trial.set_user_attr("wall_time_s", round(wall, 3))
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+        if result is not None:
+            trial.set_user_attr("final_val_loss", _user_attr_jsonable(result.best_val_loss))
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            trial.set_user_attr("epochs_run", result.epochs_run)
+            trial.set_user_attr(
+                "rmse", _user_attr_jsonable({lab: m["rmse"] for lab, m in result.final_metrics.items()})
+            )
+        if state["diverged"]:
+            trial.set_user_attr("diverged", True)
+            raise optuna.TrialPruned(f"trial {trial.number}: validation loss not finite (diverged)")
+        if state["pruned_at"]:
+            trial.set_user_attr("pruned_at_epoch", state["pruned_at"])
+            raise optuna.TrialPruned(f"trial {trial.number}: pruned after epoch {state['pruned_at']}")
+        assert result is not None
+        _, se = _val_loss_se(run_dir, train_cfg.device, val_X, val_ivar, y_val, model_cfg)
+        trial.set_user_attr("val_loss_se", _user_attr_jsonable(se))
+        if not options.keep_weights:
+            (run_dir / "model.safetensors").unlink(missing_ok=True)
+        return float(result.best_val_loss)
+
+    def after_trial(st: optuna.Study, ft: FrozenTrial) -> None:
+        if ft.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            ran.append(ft.number)
+        if count_claimed(st) >= options.n_trials:
+            st.stop()
+
+    if options.method == "grid":
+        size = space.grid_size(options.grid_points)
+        logger.info("grid of %d points (%d trials requested)", size, options.n_trials)
+        if size < options.n_trials:
+            logger.warning("the grid has only %d points: the study stops when it is exhausted", size)
+    budget = options.n_trials - count_claimed(study)
+    if budget > 0:
+        logger.info(
+            "study %r (%s): %d of %d trials done, running up to %d more",
+            options.study_name,
+            desc,
+            count_done(study),
+            options.n_trials,
+            budget,
+        )
+        study.optimize(
+            objective,
+            n_trials=budget,
+            timeout=options.timeout,
+            callbacks=[after_trial, *trial_callbacks],
+            catch=(_SurplusTrial,),
+            gc_after_trial=True,
+        )
+    else:
+        logger.info("study %r already holds %d trials: nothing to run", options.study_name, count_done(study))
+    return TuneResult(study=study, storage=desc, n_done=count_done(study), ran=ran, failed_stale=stale)
