@@ -77,9 +77,7 @@ def simulate_cmd(
 
 
 _not_built("baseline", 6, "XGBoost/LightGBM/Cannon baselines")
-_not_built("analyze", 8, "feature importance and residual analysis")
 _not_built("predict", 5, "prediction with calibrated uncertainties")
-_not_built("show-results", 8, "browse batch results of any stage")
 
 
 @main.command("preprocess")
