@@ -77,7 +77,6 @@ def simulate_cmd(
 
 
 _not_built("baseline", 6, "XGBoost/LightGBM/Cannon baselines")
-_not_built("predict", 5, "prediction with calibrated uncertainties")
 
 
 @main.command("preprocess")

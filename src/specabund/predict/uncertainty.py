@@ -1,0 +1,308 @@
+"""Predictions with an uncertainty split into a model (epistemic) and a data (aleatoric) term.
+
+Model term
+    MC-Dropout: ``n_samples`` stochastic forward passes with the dropout layers active and every other
+    layer (batch norm in particular) in eval mode; the model term is the standard deviation of the
+    sampled means (``ddof=1``). For an ensemble (``--ensemble-mode``) every member is sampled like this and
+    the model variance is the mean of the members' MC variances plus the variance of the member means.
+Data term
+    The network's predicted log-variance: ``err_data = sqrt(mean_k exp(logvar_k)) * label_std``, averaged
+    over the MC samples (and over the members).
+Total
+    ``err_total**2 = err_model**2 + err_data**2``.
+
+All terms are in physical label units. MC passes are batched: each batch of spectra is repeated ``r``
+times along the batch dimension (``r * batch <= max_rows``), so one forward pass computes ``r`` samples.
+The random dropout masks come from torch's global generator seeded with ``seed`` inside
+``torch.random.fork_rng``: the caller's global RNG state is restored afterwards, and the same seed, data
+and batch size give identical results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..elements import resolve_labels
+from ..errors import DataMismatchError
+from ..training.data import prepare_input
+from ..training.saved import LoadedEnsemble, LoadedModel
+
+logger = logging.getLogger(__name__)
+
+Predictor = LoadedModel | LoadedEnsemble
+
+
+@dataclass
+class UncertainPrediction:
+    """Predicted labels with their uncertainty terms, ``(N, L)`` arrays in physical units.
+
+    Attributes
+    ----------
+    labels : list of str
+        Column names, in order.
+    mean : numpy.ndarray
+        Predicted labels.
+    err_model : numpy.ndarray
+        Model (epistemic) term: MC-Dropout spread, plus the member spread for an ensemble.
+    err_data : numpy.ndarray
+        Data (aleatoric) term from the predicted log-variance.
+    n_samples : int
+        MC-Dropout samples per member (1 = deterministic pass, no model term from dropout).
+    n_members : int
+        Ensemble members combined.
+    scale : numpy.ndarray
+        Calibration scale applied to both terms (ones when uncalibrated).
+    """
+
+    labels: list[str]
+    mean: np.ndarray
+    err_model: np.ndarray
+    err_data: np.ndarray
+    n_samples: int = 1
+    n_members: int = 1
+    scale: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale is None:
+            self.scale = np.ones(len(self.labels))
+        shape = (len(self.mean), len(self.labels))
+        for name in ("mean", "err_model", "err_data"):
+            if getattr(self, name).shape != shape:
+                raise DataMismatchError(f"{name} has shape {getattr(self, name).shape}, expected {shape}")
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    @property
+    def err_total(self) -> np.ndarray:
+        """``sqrt(err_model**2 + err_data**2)``."""
+        return np.sqrt(self.err_model**2 + self.err_data**2)
+
+    def select(self, labels: Sequence[str]) -> UncertainPrediction:
+        """The columns ``labels`` (in that order)."""
+        idx = [self.labels.index(lab) for lab in labels]
+        assert self.scale is not None
+        return replace(
+            self,
+            labels=list(labels),
+            mean=self.mean[:, idx],
+            err_model=self.err_model[:, idx],
+            err_data=self.err_data[:, idx],
+            scale=self.scale[idx],
+        )
+
+    def scaled(self, scale: np.ndarray) -> UncertainPrediction:
+        """A copy with both uncertainty terms multiplied by the per-label ``scale`` (calibration).
+
+        The total keeps ``err_total**2 = err_model**2 + err_data**2``.
+        """
+        s = np.asarray(scale, dtype=np.float64).reshape(-1)
+        if s.shape != (len(self.labels),):
+            raise DataMismatchError(f"scale has {s.size} values for {len(self.labels)} labels")
+        assert self.scale is not None
+        return replace(self, err_model=self.err_model * s, err_data=self.err_data * s, scale=self.scale * s)
+
+    def subset(self, index: np.ndarray) -> UncertainPrediction:
+        """Rows ``index``."""
+        return replace(
+            self, mean=self.mean[index], err_model=self.err_model[index], err_data=self.err_data[index]
+        )
+
+
+def dropout_modules(module: nn.Module) -> list[nn.Module]:
+    """The dropout layers of ``module`` with a drop probability above zero."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0.0]
+
+
+@contextlib.contextmanager
+def mc_dropout_mode(module: nn.Module) -> Iterator[int]:
+    """Put ``module`` in eval mode except its dropout layers (train mode); restore on exit.
+
+    Yields the number of active dropout layers (0: MC-Dropout gives no spread).
+    """
+    previous = {m: m.training for m in module.modules()}
+    try:
+        module.eval()
+        active = dropout_modules(module)
+        for m in active:
+            m.train()
+        yield len(active)
+    finally:
+        for m, mode in previous.items():
+            m.training = mode
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global generator (and the device's CUDA generator) inside ``fork_rng``."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(int(seed))
+        if devices:
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(int(seed))
+        yield
+
+
+def members_of(predictor: Predictor, ensemble_mode: bool) -> list[LoadedModel]:
+    """Members to combine: all of an ensemble with ``ensemble_mode``, else the single (first) model.
+
+    Raises
+    ------
+    DataMismatchError
+        ``ensemble_mode`` for a model that is not an ensemble.
+    """
+    if isinstance(predictor, LoadedEnsemble):
+        if ensemble_mode:
+            return list(predictor.members)
+        logger.info(
+            "%s is an ensemble of %d members; without ensemble mode only member 0 is used",
+            predictor.run_dir,
+            len(predictor.members),
+        )
+        return [predictor.members[0]]
+    if ensemble_mode:
+        raise DataMismatchError(
+            f"ensemble mode needs a model trained with --ensemble N; {predictor.run_dir} is a single model"
+        )
+    return [predictor]
+
+
+def validate_labels(predictor: Predictor, requested: Sequence[str] | None) -> list[str]:
+    """Requested labels (default: all the model predicts); an unknown one raises listing the valid ones."""
+    return resolve_labels(list(requested) if requested else None, predictor.labels, what="model's labels")
+
+
+@torch.inference_mode()
+def _sample_member(
+    member: LoadedModel,
+    X: np.ndarray,
+    ivar: np.ndarray,
+    n_samples: int,
+    batch_size: int,
+    max_rows: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Standardised sample mean, sample variance of the means and mean predicted variance, ``(N, L)``."""
+    net = member.model
+    dev = member.device
+    in_ch = member.model_config.in_channels
+    n, n_lab = len(X), len(member.labels)
+    mean = np.zeros((n, n_lab))
+    var = np.zeros((n, n_lab))
+    dvar = np.zeros((n, n_lab))
+    with contextlib.ExitStack() as stack:
+        n_active = stack.enter_context(mc_dropout_mode(net)) if n_samples > 1 else 0
+        if n_samples > 1 and n_active == 0:
+            logger.info(
+                "%s has no active dropout layer: MC-Dropout gives no model spread, one pass suffices",
+                member.run_dir,
+            )
+        if n_samples <= 1:
+            net.eval()
+        k_total = n_samples if n_active > 0 else 1
+        stack.enter_context(seeded_torch(seed, dev))
+        for start in range(0, n, batch_size):
+            xb = torch.from_numpy(X[start : start + batch_size]).to(dev)
+            vb = torch.from_numpy(ivar[start : start + batch_size]).to(dev)
+            inp = prepare_input(xb, vb, in_ch)
+            b = len(inp)
+            r = max(1, min(k_total, max_rows // b))
+            mus, lvs = [], []
+            done = 0
+            while done < k_total:
+                rr = min(r, k_total - done)
+                x_in = inp.repeat(rr, 1, 1) if rr > 1 else inp
+                mu, lv = net(x_in)
+                mus.append(mu.double().reshape(rr, b, n_lab))
+                lvs.append(lv.double().reshape(rr, b, n_lab))
+                done += rr
+            mu_all = torch.cat(mus)  # (K, b, L)
+            lv_all = torch.cat(lvs)
+            sl = slice(start, start + b)
+            mean[sl] = mu_all.mean(0).cpu().numpy()
+            var[sl] = mu_all.var(0, correction=1).cpu().numpy() if k_total > 1 else 0.0
+            dvar[sl] = lv_all.exp().mean(0).cpu().numpy()
+    return mean, var, dvar, k_total
+
+
+def predict_with_uncertainty(
+    predictor: Predictor,
+    X: np.ndarray,
+    ivar: np.ndarray,
+    *,
+    labels: Sequence[str] | None = None,
+    n_samples: int = 50,
+    batch_size: int = 256,
+    max_rows: int | None = None,
+    seed: int = 0,
+    ensemble_mode: bool = False,
+) -> UncertainPrediction:
+    """Predict labels with MC-Dropout (and ensemble) model uncertainty and the predicted data uncertainty.
+
+    Parameters
+    ----------
+    predictor : LoadedModel or LoadedEnsemble
+        From :func:`specabund.training.load_model`, already on its device.
+    X, ivar : numpy.ndarray
+        ``(N, P)`` normalised flux and inverse variance on the model's grid.
+    labels : sequence of str, optional
+        Labels to return (default: all the model predicts).
+    n_samples : int
+        MC-Dropout passes per member; 1 disables MC-Dropout (the model term is then 0 for a single
+        model and the member spread for an ensemble).
+    batch_size : int
+        Spectra per device batch.
+    max_rows : int, optional
+        Rows of one forward pass when MC passes are stacked along the batch dimension
+        (default ``batch_size``).
+    seed : int
+        Seed of the dropout masks (member ``k`` uses ``seed + k``).
+    ensemble_mode : bool
+        Combine the members of an ensemble (see :func:`members_of`).
+
+    Returns
+    -------
+    UncertainPrediction
+        Uncalibrated prediction.
+    """
+    if n_samples < 1 or batch_size < 1:
+        raise ValueError("n_samples and batch_size must be >= 1")
+    want = validate_labels(predictor, labels)
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    ivar = np.ascontiguousarray(ivar, dtype=np.float32)
+    if X.ndim != 2 or X.shape != ivar.shape:
+        raise DataMismatchError(f"X {X.shape} and ivar {ivar.shape} must be equal 2-D shapes")
+    if X.shape[1] != predictor.grid["n"]:
+        raise DataMismatchError(f"model expects {predictor.grid['n']} pixels, the spectra have {X.shape[1]}")
+    members = members_of(predictor, ensemble_mode)
+    rows = max(int(max_rows or batch_size), 1)
+    means, mvars, dvars = [], [], []
+    k_used = 1
+    for k, m in enumerate(members):
+        mu, var, dvar, k_used = _sample_member(m, X, ivar, n_samples, batch_size, rows, seed + k)
+        std = m.scaler.std
+        means.append(m.scaler.inverse(mu))
+        mvars.append(var * std**2)
+        dvars.append(dvar * std**2)
+    mean_k = np.stack(means)
+    model_var = np.stack(mvars).mean(0) + (mean_k.var(0) if len(members) > 1 else 0.0)
+    data_var = np.stack(dvars).mean(0)
+    full = UncertainPrediction(
+        labels=list(members[0].labels),
+        mean=mean_k.mean(0),
+        err_model=np.sqrt(model_var),
+        err_data=np.sqrt(data_var),
+        n_samples=k_used,
+        n_members=len(members),
+    )
+    return full.select(want)
