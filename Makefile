@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
-DEMO_N ?= 600
+DEMO_N ?= 1000
+DEMO_EPOCHS ?= 25
 
 .PHONY: venv test lint demo bench clean
 
@@ -28,7 +29,11 @@ demo: venv
 	$(BIN)/specabund --workdir $(DEMO_DIR) simulate --n $(DEMO_N) --output-dir sim --seed 1
 	$(BIN)/specabund --workdir $(DEMO_DIR) preprocess --reference-csv sim/X_FE.csv \
 		--prediction-csv sim/galah_X_FE.csv --fits-dir sim/fits --output-dir processed_data
-	@echo "demo outputs under $(DEMO_DIR)/ (processed_data/, plots/preprocessing/, logs/)"
+	$(BIN)/specabund --workdir $(DEMO_DIR) train --data-path processed_data/reference_dataset.npz \
+		--elements C_FE MG_FE CA_FE --epochs $(DEMO_EPOCHS) --run-name demo --overwrite --device auto
+	$(BIN)/specabund --workdir $(DEMO_DIR) test --model demo --data-path processed_data/test_dataset.npz \
+		--truth sim/truth.csv
+	@echo "demo outputs under $(DEMO_DIR)/: processed_data/, models/demo/, results/, plots/, logs/"
 
 bench: venv
 	$(BIN)/python benchmarks/read_fits.py

@@ -43,6 +43,13 @@ def test_train_then_test(work: Path) -> None:
     assert cfg["labels"] == ["C_FE", "MG_FE", "TEFF", "LOGG", "FE_H"]
     assert (run / "model.safetensors").exists() and (run / "resolved_config.toml").exists()
     assert "saved model" in out
+    # the run carries what prediction needs: the preprocessing options and the training label range
+    from specabund.predict.inputs import resolve_preprocess
+    from specabund.training.saved import load_model
+
+    assert resolve_preprocess(load_model(run))[2] == "config.json"
+    lo, hi = np.array(cfg["label_range"]["min"]), np.array(cfg["label_range"]["max"])
+    assert np.all(lo < hi)
     assert (work / "results" / "training_C_FE_MG_FE_batch_results" / "batch_tracking.csv").exists()
 
     out = _invoke(work, "test", "--model", "run1", "--data-path", "processed_data/test_dataset.npz")

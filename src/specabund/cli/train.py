@@ -126,7 +126,22 @@ def _train(
         labels,
         device,
     )
-    kw = dict(resume=bool(resume), plot_dir=plot_dir, progress=True, name=name, overwrite=overwrite)
+    extra = {"training_data": str(data_path)}
+    manifest = data_path.with_name("manifest.json")
+    if manifest.exists():
+        import json
+
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        if m.get("preprocess_hash") == tr.preprocess_hash:
+            extra["preprocess_options"] = {**m["options"], "normalize": m["settings"]["normalize"]}
+    kw = dict(
+        resume=bool(resume),
+        plot_dir=plot_dir,
+        progress=True,
+        name=name,
+        overwrite=overwrite,
+        extra_config=extra,
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "resolved_config.toml")
     if ensemble > 1:

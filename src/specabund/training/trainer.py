@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -395,6 +395,7 @@ def train(
     progress: bool = False,
     overwrite: bool = False,
     name: str | None = None,
+    extra_config: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train a network and save it as a run folder (see :mod:`specabund.training.saved`).
 
@@ -427,6 +428,9 @@ def train(
         Start afresh even if ``run_dir`` holds a run (otherwise that raises ``ConfigError``).
     name : str, optional
         Prefix of the plot and summary files (default: the labels joined by ``'_'``).
+    extra_config : mapping, optional
+        JSON-serialisable entries added to ``config.json`` (e.g. ``preprocess_options`` so that prediction
+        can preprocess raw FITS files exactly like the training data). Not part of the resume fingerprint.
 
     Returns
     -------
@@ -489,6 +493,7 @@ def train(
             plot_dir=Path(plot_dir) if plot_dir is not None else None,
             progress=progress,
             name=name,
+            extra_config=dict(extra_config or {}),
         )
 
 
@@ -511,6 +516,7 @@ def _train_loop(
     plot_dir: Path | None,
     progress: bool,
     name: str,
+    extra_config: dict[str, Any],
 ) -> TrainResult:
     # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
     # initialisation and dropout reproducible from the config seed.
@@ -697,6 +703,11 @@ def _train_loop(
         "epochs_run": len(history),
         "stopped_early": stopped_early,
         "final_metrics": final_metrics,
+        "label_range": {
+            "min": np.nanmin(np.where(np.isfinite(train_t.y_phys), train_t.y_phys, np.inf), axis=0).tolist(),
+            "max": np.nanmax(np.where(np.isfinite(train_t.y_phys), train_t.y_phys, -np.inf), axis=0).tolist(),
+        },
+        **extra_config,
     }
     write_config(run_dir, config)
     final_state = load_checkpoint(run_dir / CHECKPOINT_FILE)
@@ -745,6 +756,7 @@ def train_ensemble(
     progress: bool = False,
     overwrite: bool = False,
     name: str | None = None,
+    extra_config: Mapping[str, Any] | None = None,
 ) -> list[TrainResult]:
     """Train ``n_members`` networks with seeds ``seed + k`` in ``run_dir/member_<k>``.
 
@@ -775,6 +787,7 @@ def train_ensemble(
                 progress=progress,
                 overwrite=overwrite,
                 name=name,
+                extra_config=extra_config,
             )
         )
         members.append(sub)
