@@ -97,7 +97,7 @@ def _not_built(name: str, issue: int, what: str) -> None:
 
 
 def _register() -> None:
-    from . import analyze, commands, predict, train, tune  # noqa: F401  (registers the subcommands on ``main``)
+    from . import analyze, baseline, commands, predict, train, tune  # noqa: F401  (registers the subcommands on ``main``)
 
 
 _register()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import _not_built, main, setup_logging
+from . import main, setup_logging
 from .options import config_option, elements_option, resolve_in_workdir
 
 log = logging.getLogger("specabund.cli")
@@ -74,9 +74,6 @@ def simulate_cmd(
     for k, v in summary.items():
         if not isinstance(v, (dict, list)):
             click.echo(f"  {k}: {v}")
-
-
-_not_built("baseline", 6, "XGBoost/LightGBM/Cannon baselines")
 
 
 @main.command("preprocess")

@@ -1,0 +1,62 @@
+"""Baseline models for comparison with the CNN: XGBoost, LightGBM and a Cannon-style quadratic model.
+
+* :mod:`.boosting` - one gradient-boosted tree regressor per label on PCA-reduced (default) or raw spectra.
+* :mod:`.cannon` - per-pixel quadratic model in all labels, fitted by weighted least squares with intrinsic
+  scatter; labels inferred per spectrum by Levenberg-Marquardt.
+* :mod:`.runner` - :func:`run_baseline`: resumable batch training with per-batch metrics and plots.
+* :mod:`.comparison` - the ``<out_root>/baseline/comparison.csv`` table shared with the CNN and its figure.
+"""
+
+from __future__ import annotations
+
+from .boosting import BOOSTING_KINDS, BoostingConfig, BoostingRegressor
+from .cannon import DEFAULT_SCATTER_GRID, CannonModel
+from .comparison import (
+    COMPARISON_COLUMNS,
+    comparison_figure,
+    comparison_path,
+    comparison_rows,
+    read_comparison,
+    save_comparison_figure,
+    update_comparison,
+)
+from .features import PCAReducer, fill_bad_pixels
+from .runner import (
+    BASE_MODELS,
+    MODEL_CHOICES,
+    batch_results_dir,
+    cannon_label_names,
+    label_column,
+    load_baseline,
+    predict_baseline,
+    resolve_models,
+    run_baseline,
+    show_batch_results,
+)
+
+__all__ = [
+    "BASE_MODELS",
+    "BOOSTING_KINDS",
+    "COMPARISON_COLUMNS",
+    "DEFAULT_SCATTER_GRID",
+    "MODEL_CHOICES",
+    "BoostingConfig",
+    "BoostingRegressor",
+    "CannonModel",
+    "PCAReducer",
+    "batch_results_dir",
+    "cannon_label_names",
+    "comparison_figure",
+    "comparison_path",
+    "comparison_rows",
+    "fill_bad_pixels",
+    "label_column",
+    "load_baseline",
+    "predict_baseline",
+    "read_comparison",
+    "resolve_models",
+    "run_baseline",
+    "save_comparison_figure",
+    "show_batch_results",
+    "update_comparison",
+]

@@ -1,0 +1,408 @@
+"""A Cannon-style data-driven model: per-pixel quadratic polynomial in the labels.
+
+For every pixel ``p`` the normalised flux is modelled as ``f_p = theta_p . x(l) + noise`` where ``l`` are the
+standardised labels (``(label - mean) / scale``) and ``x(l) = [1, l_i, l_i l_j (i <= j)]``. The noise
+variance is ``1/ivar + s_p^2`` with a per-pixel intrinsic scatter ``s_p^2``.
+
+Training is a weighted least-squares fit per pixel, with weights ``w = ivar / (1 + ivar s^2)``. The scatter
+is chosen per pixel by a 1-D search over a fixed grid of ``s^2`` values that maximises the Gaussian
+likelihood (``sum w (f - theta.x)^2 - sum ln w`` at the weighted least-squares solution). For every grid
+value the normal equations ``A = sum w x x^T``, ``b = sum w f x`` and the two likelihood sums are accumulated
+spectrum by spectrum, so the model can be trained batch by batch (:meth:`CannonModel.partial_fit`) and
+the result is exactly that of one fit over all spectra (given fixed label standardisation). All work is
+vectorised across pixels with matrix products.
+
+Inference (the test step) minimises ``chi2 = sum_p w_p (f_p - theta_p . x(l))^2`` over ``l`` for every
+spectrum with a Levenberg-Marquardt iteration vectorised over spectra, started from the training mean
+(``l = 0``) and from a linearised estimate; the lower chi2 wins. Labels are bounded to the training
+range widened by 10 % on each side.
+
+The model saves as one ``.npz`` (no pickle), optionally with the accumulated normal equations so that
+batch training can resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataMismatchError, SpecabundError
+from ..utils import atomic_savez
+
+logger = logging.getLogger(__name__)
+
+#: Default grid of intrinsic scatter values ``s`` (squared in use); normalised-flux units.
+DEFAULT_SCATTER_GRID: tuple[float, ...] = (0.0, *np.logspace(-3.5, -0.5, 13).tolist())
+
+
+def _pairs(n_labels: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(n_labels) for j in range(i, n_labels)]
+
+
+def design_matrix(labels: np.ndarray) -> np.ndarray:
+    """Quadratic design vectors ``[1, l_i, l_i l_j (i <= j)]`` of standardised labels, shape (N, D)."""
+    lab = np.atleast_2d(np.asarray(labels, dtype=np.float64))
+    n, L = lab.shape
+    cols = [np.ones(n), *(lab[:, i] for i in range(L))]
+    cols += [lab[:, i] * lab[:, j] for i, j in _pairs(L)]
+    return np.stack(cols, axis=1)
+
+
+def design_jacobian(labels: np.ndarray) -> np.ndarray:
+    """Derivative of :func:`design_matrix` with respect to the labels, shape (N, D, L)."""
+    lab = np.atleast_2d(np.asarray(labels, dtype=np.float64))
+    n, L = lab.shape
+    pairs = _pairs(L)
+    J = np.zeros((n, 1 + L + len(pairs), L))
+    for i in range(L):
+        J[:, 1 + i, i] = 1.0
+    for k, (i, j) in enumerate(pairs):
+        J[:, 1 + L + k, i] += lab[:, j]
+        J[:, 1 + L + k, j] += lab[:, i]
+    return J
+
+
+class CannonModel:
+    """Quadratic Cannon-style model fitting all its labels jointly.
+
+    Parameters
+    ----------
+    label_names : list of str
+        Names of the labels (e.g. ``['TEFF', 'LOGG', 'FE_H', 'C_FE']``).
+    label_mean, label_scale : ndarray, optional
+        Standardisation of the labels. When omitted they are taken from the first call to
+        :meth:`fit`/:meth:`partial_fit`; pass them (e.g. from the whole training split) when training
+        in batches so that the batched result equals a single fit.
+    scatter_grid : sequence of float
+        Candidate intrinsic scatters ``s`` (the square is used); the best per pixel is kept.
+    ridge : float
+        Relative ridge term added to the normal equations for numerical stability.
+    bound_margin : float
+        Inferred labels are kept inside the training label range widened by this fraction of it on
+        each side (a quadratic model extrapolates badly; without this, poorly fitted spectra run off to
+        extreme labels).
+    """
+
+    def __init__(
+        self,
+        label_names: list[str],
+        label_mean: np.ndarray | None = None,
+        label_scale: np.ndarray | None = None,
+        scatter_grid: tuple[float, ...] | list[float] = DEFAULT_SCATTER_GRID,
+        ridge: float = 1e-8,
+        bound_margin: float = 0.1,
+    ) -> None:
+        if not label_names:
+            raise SpecabundError("the Cannon needs at least one label")
+        self.label_names = list(label_names)
+        L = len(self.label_names)
+        self.label_mean = None if label_mean is None else np.asarray(label_mean, dtype=np.float64).reshape(L)
+        self.label_scale = (
+            None if label_scale is None else np.asarray(label_scale, dtype=np.float64).reshape(L)
+        )
+        self.s2_grid = np.asarray(scatter_grid, dtype=np.float64) ** 2
+        self.ridge = float(ridge)
+        self.bound_margin = float(bound_margin)
+        self.n_pixels: int | None = None
+        self.n_train = 0
+        self._acc: dict[str, np.ndarray] | None = None
+        self.theta: np.ndarray | None = None
+        self.s2: np.ndarray | None = None
+        self.pixel_ok: np.ndarray | None = None
+        self.label_min: np.ndarray | None = None
+        self.label_max: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def n_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def n_terms(self) -> int:
+        L = self.n_labels
+        return 1 + L + L * (L + 1) // 2
+
+    def standardise(self, labels: np.ndarray) -> np.ndarray:
+        if self.label_mean is None or self.label_scale is None:
+            raise SpecabundError("label standardisation not set")
+        return (np.asarray(labels, dtype=np.float64) - self.label_mean) / self.label_scale
+
+    def unstandardise(self, z: np.ndarray) -> np.ndarray:
+        if self.label_mean is None or self.label_scale is None:
+            raise SpecabundError("label standardisation not set")
+        return np.asarray(z, dtype=np.float64) * self.label_scale + self.label_mean
+
+    # ------------------------------------------------------------------ training
+    def _check_training(self, X: np.ndarray, ivar: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+        X = np.asarray(X)
+        ivar = np.asarray(ivar)
+        labels = np.atleast_2d(np.asarray(labels, dtype=np.float64))
+        if X.ndim != 2 or ivar.shape != X.shape:
+            raise DataMismatchError(f"X {X.shape} and ivar {ivar.shape} must be equal 2-D shapes")
+        if labels.shape != (X.shape[0], self.n_labels):
+            raise DataMismatchError(f"labels shape {labels.shape} != ({X.shape[0]}, {self.n_labels})")
+        if self.n_pixels is not None and X.shape[1] != self.n_pixels:
+            raise DataMismatchError(f"spectra have {X.shape[1]} pixels, the model has {self.n_pixels}")
+        ok = np.all(np.isfinite(labels), axis=1)
+        return X[ok], ivar[ok], labels[ok]
+
+    def partial_fit(
+        self, X: np.ndarray, ivar: np.ndarray, labels: np.ndarray, chunk: int = 512
+    ) -> CannonModel:
+        """Add spectra to the accumulated normal equations (rows with any non-finite label are skipped).
+
+        Call :meth:`solve` afterwards (or use :meth:`fit`) to update the coefficients.
+        """
+        X, ivar, labels = self._check_training(X, ivar, labels)
+        if len(X) == 0:
+            return self
+        if self.label_mean is None or self.label_scale is None:
+            self.label_mean = labels.mean(axis=0)
+            sc = labels.std(axis=0)
+            self.label_scale = np.where(sc > 0, sc, 1.0)
+        P = X.shape[1]
+        G = len(self.s2_grid)
+        D = self.n_terms
+        iu = np.triu_indices(D)
+        T = len(iu[0])
+        if self._acc is None:
+            self.n_pixels = P
+            self._acc = {
+                "A": np.zeros((G, P, T)),
+                "b": np.zeros((G, P, D)),
+                "c": np.zeros((G, P)),
+                "lw": np.zeros((G, P)),
+            }
+        acc = self._acc
+        for s in range(0, len(X), chunk):
+            f = np.asarray(X[s : s + chunk], dtype=np.float64)
+            iv = np.asarray(ivar[s : s + chunk], dtype=np.float64)
+            good = np.isfinite(f) & np.isfinite(iv) & (iv > 0)
+            iv = np.where(good, iv, 0.0)
+            f = np.where(good, f, 0.0)
+            x = design_matrix(self.standardise(labels[s : s + chunk]))
+            xx = x[:, iu[0]] * x[:, iu[1]]
+            for g, s2 in enumerate(self.s2_grid):
+                w = iv / (1.0 + iv * s2)
+                acc["A"][g] += w.T @ xx
+                acc["b"][g] += (w * f).T @ x
+                acc["c"][g] += np.sum(w * f * f, axis=0)
+                acc["lw"][g] += np.sum(np.log(np.where(good, w, 1.0)), axis=0)
+        lo, hi = labels.min(axis=0), labels.max(axis=0)
+        self.label_min = lo if self.label_min is None else np.minimum(self.label_min, lo)
+        self.label_max = hi if self.label_max is None else np.maximum(self.label_max, hi)
+        self.n_train += len(X)
+        return self
+
+    def solve(self) -> CannonModel:
+        """Solve the accumulated normal equations and pick the per-pixel scatter."""
+        if self._acc is None:
+            raise SpecabundError("no training spectra accumulated")
+        acc = self._acc
+        G, P, _ = acc["A"].shape
+        D = self.n_terms
+        iu = np.triu_indices(D)
+        best_obj = np.full(P, np.inf)
+        theta = np.zeros((P, D))
+        theta[:, 0] = 1.0
+        s2 = np.full(P, np.nan)
+        for g in range(G):
+            A = np.zeros((P, D, D))
+            A[:, iu[0], iu[1]] = acc["A"][g]
+            A[:, iu[1], iu[0]] = acc["A"][g]
+            b = acc["b"][g]
+            ok = A[:, 0, 0] > 0
+            diag = np.einsum("pii->pi", A)
+            A[:, np.arange(D), np.arange(D)] += self.ridge * diag.mean(axis=1, keepdims=True) + 1e-300
+            th = np.zeros((P, D))
+            try:
+                th[ok] = np.linalg.solve(A[ok], b[ok][..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                th[ok] = np.stack(
+                    [np.linalg.lstsq(a, v, rcond=None)[0] for a, v in zip(A[ok], b[ok], strict=True)]
+                )
+            obj = acc["c"][g] - np.einsum("pd,pd->p", th, b) - acc["lw"][g]
+            better = ok & np.isfinite(obj) & (obj < best_obj)
+            best_obj[better] = obj[better]
+            theta[better] = th[better]
+            s2[better] = self.s2_grid[g]
+        self.pixel_ok = np.isfinite(s2)
+        self.theta = theta
+        self.s2 = np.where(self.pixel_ok, s2, 0.0)
+        if self.n_train <= self.n_terms:
+            logger.warning("Cannon trained on %d spectra for %d coefficients per pixel", self.n_train, D)
+        return self
+
+    def fit(self, X: np.ndarray, ivar: np.ndarray, labels: np.ndarray) -> CannonModel:
+        """Train from scratch on ``X``, ``ivar`` and ``labels`` (N, L)."""
+        self._acc = None
+        self.n_train = 0
+        self.n_pixels = None
+        self.label_min = self.label_max = None
+        return self.partial_fit(X, ivar, labels).solve()
+
+    # ------------------------------------------------------------------ inference
+    def _weights(self, X: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert self.s2 is not None and self.pixel_ok is not None
+        f = np.asarray(X, dtype=np.float64)
+        iv = np.asarray(ivar, dtype=np.float64)
+        good = np.isfinite(f) & np.isfinite(iv) & (iv > 0) & self.pixel_ok[None, :]
+        iv = np.where(good, iv, 0.0)
+        w = iv / (1.0 + iv * self.s2[None, :])
+        return np.where(good, f, 0.0), w
+
+    def _chi2(self, z: np.ndarray, f: np.ndarray, w: np.ndarray) -> np.ndarray:
+        assert self.theta is not None
+        r = f - design_matrix(z) @ self.theta.T
+        return np.sum(w * r * r, axis=1)
+
+    def _linear_start(self, f: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Labels from a weighted linear fit of all design coefficients (quadratic terms free)."""
+        th = self.theta
+        assert th is not None
+        M = np.einsum("pd,np,pe->nde", th[:, 1:], w, th[:, 1:])
+        v = np.einsum("pd,np->nd", th[:, 1:], w * (f - th[:, 0]))
+        M[:, np.arange(M.shape[1]), np.arange(M.shape[1])] += 1e-9 * np.einsum("nii->n", M)[:, None] + 1e-12
+        sol = np.linalg.solve(M, v[..., None])[..., 0]
+        return np.clip(sol[:, : self.n_labels], -4.0, 4.0)
+
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised label bounds of the inference: the training range widened by ``bound_margin``."""
+        if self.label_min is None or self.label_max is None:
+            return np.full(self.n_labels, -10.0), np.full(self.n_labels, 10.0)
+        lo, hi = self.standardise(self.label_min), self.standardise(self.label_max)
+        pad = self.bound_margin * (hi - lo)
+        return lo - pad, hi + pad
+
+    def _levenberg_marquardt(
+        self, z: np.ndarray, f: np.ndarray, w: np.ndarray, max_iter: int, tol: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        th = self.theta
+        assert th is not None
+        L = self.n_labels
+        zlo, zhi = self._bounds()
+        z = np.clip(z, zlo, zhi)
+        chi = self._chi2(z, f, w)
+        lam = np.full(len(z), 1e-3)
+        active = np.ones(len(z), dtype=bool)
+        for _ in range(max_iter):
+            idx = np.flatnonzero(active)
+            if idx.size == 0:
+                break
+            za = z[idx]
+            r = f[idx] - design_matrix(za) @ th.T
+            J = np.matmul(th[None], design_jacobian(za))  # (n, P, L): d model / d z
+            Jw = J * w[idx][..., None]
+            H = np.matmul(Jw.transpose(0, 2, 1), J)
+            g = np.einsum("npl,np->nl", Jw, r)
+            Hd = H + lam[idx, None, None] * (
+                np.einsum("nii->ni", H)[:, :, None] * np.eye(L) + 1e-12 * np.eye(L)
+            )
+            step = np.linalg.solve(Hd, g[..., None])[..., 0]
+            zt = np.clip(za + step, zlo, zhi)
+            ct = self._chi2(zt, f[idx], w[idx])
+            accept = ct < chi[idx]
+            z[idx[accept]] = zt[accept]
+            small = np.max(np.abs(step), axis=1) < tol
+            chi[idx[accept]] = ct[accept]
+            lam[idx] = np.where(accept, lam[idx] / 10.0, lam[idx] * 10.0)
+            lam = np.clip(lam, 1e-9, 1e9)
+            active[idx[(accept & small) | (lam[idx] >= 1e9)]] = False
+        return z, chi
+
+    def predict(
+        self, X: np.ndarray, ivar: np.ndarray, chunk: int = 256, max_iter: int = 60, tol: float = 1e-6
+    ) -> np.ndarray:
+        """Infer all labels for spectra ``X`` (N, P) with inverse variance ``ivar``; returns (N, L).
+
+        Spectra without any usable pixel get NaN labels.
+        """
+        if self.theta is None:
+            raise SpecabundError("Cannon model is not trained (call fit or solve)")
+        X = np.atleast_2d(X)
+        ivar = np.atleast_2d(ivar)
+        if X.shape[1] != self.n_pixels or ivar.shape != X.shape:
+            raise DataMismatchError(f"spectra shape {X.shape}/{ivar.shape}, model has {self.n_pixels} pixels")
+        out = np.full((len(X), self.n_labels), np.nan)
+        for s in range(0, len(X), chunk):
+            f, w = self._weights(X[s : s + chunk], ivar[s : s + chunk])
+            has = w.sum(axis=1) > 0
+            if not has.any():
+                continue
+            f, w = f[has], w[has]
+            n = len(f)
+            starts = np.concatenate([np.zeros((n, self.n_labels)), self._linear_start(f, w)])
+            z, chi = self._levenberg_marquardt(
+                starts, np.concatenate([f, f]), np.concatenate([w, w]), max_iter, tol
+            )
+            pick = chi[n:] < chi[:n]
+            zbest = np.where(pick[:, None], z[n:], z[:n])
+            block = out[s : s + chunk]
+            block[has] = self.unstandardise(zbest)
+            out[s : s + chunk] = block
+        return out
+
+    def predict_label(self, X: np.ndarray, ivar: np.ndarray, name: str) -> np.ndarray:
+        """Infer all labels and return the column ``name``, shape (N,)."""
+        if name not in self.label_names:
+            raise DataMismatchError(f"label {name!r} not among the Cannon labels {self.label_names}")
+        return self.predict(X, ivar)[:, self.label_names.index(name)]
+
+    def model_flux(self, labels: np.ndarray) -> np.ndarray:
+        """Model spectra for physical labels (N, L), shape (N, P)."""
+        if self.theta is None:
+            raise SpecabundError("Cannon model is not trained")
+        return design_matrix(self.standardise(labels)) @ self.theta.T
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path, include_accumulators: bool = False) -> None:
+        """Write the model to one npz atomically (with the normal equations when asked, for resuming)."""
+        if self.theta is None or self.label_mean is None or self.label_scale is None:
+            raise SpecabundError("Cannon model is not trained")
+        arrays: dict[str, np.ndarray] = {
+            "label_names": np.asarray(self.label_names, dtype=str),
+            "label_mean": self.label_mean,
+            "label_scale": self.label_scale,
+            "s2_grid": self.s2_grid,
+            "ridge": np.asarray(self.ridge),
+            "bound_margin": np.asarray(self.bound_margin),
+            "label_min": self.label_min if self.label_min is not None else np.zeros(0),
+            "label_max": self.label_max if self.label_max is not None else np.zeros(0),
+            "n_train": np.asarray(self.n_train),
+            "theta": self.theta,
+            "s2": self.s2 if self.s2 is not None else np.zeros(0),
+            "pixel_ok": self.pixel_ok if self.pixel_ok is not None else np.zeros(0, dtype=bool),
+        }
+        if include_accumulators and self._acc is not None:
+            arrays.update({f"acc_{k}": v for k, v in self._acc.items()})
+        atomic_savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CannonModel:
+        """Read a model written by :meth:`save` (``allow_pickle=False``)."""
+        path = Path(path)
+        if not path.exists():
+            raise SpecabundError(f"{path}: Cannon model file not found")
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+        model = cls(
+            [str(s) for s in d["label_names"].tolist()],
+            d["label_mean"],
+            d["label_scale"],
+            scatter_grid=np.sqrt(d["s2_grid"]).tolist(),
+            ridge=float(d["ridge"]),
+            bound_margin=float(d["bound_margin"]),
+        )
+        if d["label_min"].size:
+            model.label_min, model.label_max = d["label_min"], d["label_max"]
+        model.s2_grid = d["s2_grid"]
+        model.n_train = int(d["n_train"])
+        model.theta = d["theta"]
+        model.s2 = d["s2"]
+        model.pixel_ok = d["pixel_ok"]
+        model.n_pixels = int(d["theta"].shape[0])
+        if "acc_A" in d:
+            model._acc = {k: d[f"acc_{k}"] for k in ("A", "b", "c", "lw")}
+        return model

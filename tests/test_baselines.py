@@ -1,0 +1,265 @@
+"""Baselines (XGBoost, LightGBM, Cannon): learning, resumable batches, comparison table, saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from specabund.baselines import (
+    COMPARISON_COLUMNS,
+    BoostingConfig,
+    BoostingRegressor,
+    CannonModel,
+    PCAReducer,
+    batch_results_dir,
+    cannon_label_names,
+    comparison_figure,
+    fill_bad_pixels,
+    load_baseline,
+    predict_baseline,
+    read_comparison,
+    resolve_models,
+    run_baseline,
+    show_batch_results,
+    update_comparison,
+)
+from specabund.dataset import Dataset
+from specabund.errors import ConfigError, DataMismatchError
+from specabund.metrics import snr_bin_labels
+
+FAST = BoostingConfig(
+    n_components=24, learning_rate=0.1, n_rounds=400, rounds_per_batch=80, early_stopping_rounds=30
+)
+
+
+def make_dataset(n: int = 1400, n_pixels: int = 300, seed: int = 0) -> Dataset:
+    """Gaussian absorption lines whose depths depend on Teff, logg, [Fe/H] and [C/Fe], [Mg/Fe]; noisy."""
+    rng = np.random.default_rng(seed)
+    wl = np.linspace(4000.0, 4800.0, n_pixels)
+    teff = rng.uniform(4300, 6400, n)
+    logg = rng.uniform(1.0, 4.8, n)
+    feh = rng.normal(-0.3, 0.35, n)
+    cfe = rng.normal(0.0, 0.15, n)
+    mgfe = rng.normal(0.1, 0.12, n)
+    t, g = (teff - 5300) / 700, (logg - 3) / 1.1
+    n_lines = 45
+    centers = rng.uniform(wl[3], wl[-3], n_lines)
+    widths = rng.uniform(2.5, 5.0, n_lines)
+    owner = rng.integers(0, 3, n_lines)
+    ct, cg, cf = rng.normal(-0.3, 0.3, n_lines), rng.normal(0, 0.2, n_lines), rng.uniform(0.3, 1.0, n_lines)
+    flux = np.ones((n, n_pixels))
+    for j in range(n_lines):
+        d = rng.uniform(0.05, 0.3) * np.exp(ct[j] * t + cg[j] * g + cf[j] * feh)
+        d = d * np.exp(2.0 * (cfe if owner[j] == 1 else mgfe if owner[j] == 2 else 0.0))
+        flux -= np.clip(d, 0, 0.9)[:, None] * np.exp(-0.5 * ((wl - centers[j]) / widths[j]) ** 2)
+    snr = rng.uniform(15, 200, n)
+    X = (flux + rng.normal(size=flux.shape) / snr[:, None]).astype(np.float32)
+    ivar = np.repeat((snr**2)[:, None], n_pixels, axis=1).astype(np.float32)
+    bad = rng.random(X.shape) < 0.003
+    ivar[bad], X[bad] = 0.0, 0.0
+    y = np.column_stack([cfe, mgfe]).astype(np.float32)
+    y[rng.random(y.shape) < 0.1] = np.nan
+    names = np.array([f"spec{i}" for i in range(n)])
+    return Dataset(
+        X=X, ivar=ivar, wavelength=wl, y=y, elements=["C_FE", "MG_FE"], filenames=names, obsid=names,
+        spec=names, teff=teff.astype(np.float32), logg=logg.astype(np.float32), fe_h=feh.astype(np.float32),
+        snr=snr.astype(np.float32), split=rng.choice([0, 1, 2], n, p=[0.7, 0.15, 0.15]).astype(np.int8),
+        group=names,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ds() -> Dataset:
+    return make_dataset()
+
+
+@pytest.fixture(scope="module")
+def full_run(ds: Dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("full")
+    res = run_baseline(ds, "C_FE", "all", out, n_threads=2, boosting_config=FAST)
+    return out, res
+
+
+def _label_std(ds: Dataset, element: str) -> float:
+    y = ds.y[ds.split == 2, ds.label_index(element)]
+    return float(np.nanstd(y))
+
+
+@pytest.mark.parametrize("model", ["xgboost", "lightgbm", "cannon"])
+def test_baseline_learns_well_below_label_scatter(
+    ds: Dataset, full_run: tuple[Path, dict], model: str
+) -> None:
+    _, res = full_run
+    r = res[model]
+    assert r["complete"] and r["batches_done"] == r["n_batches"] == 1
+    std = _label_std(ds, "C_FE")
+    assert r["test"]["all"]["n"] == int(np.isfinite(ds.y[ds.split == 2, 0]).sum())
+    assert r["test"]["all"]["rmse"] < 0.5 * std, (model, r["test"]["all"]["rmse"], std)
+    assert r["val"]["rmse"] < 0.5 * std
+
+
+def test_cannon_fits_labels_jointly(ds: Dataset, full_run: tuple[Path, dict]) -> None:
+    out, res = full_run
+    assert res["cannon"]["labels"] == ["TEFF", "LOGG", "FE_H", "C_FE"]
+    model = load_baseline(out, "C_FE", "cannon")
+    assert isinstance(model, CannonModel)
+    te = (ds.split == 2) & np.isfinite(ds.y[:, 0])
+    pred = model.predict(ds.X[te], ds.ivar[te])
+    assert pred.shape == (int(te.sum()), 4)
+    for j, truth in enumerate([ds.teff[te], ds.logg[te], ds.fe_h[te]]):
+        rmse = np.sqrt(np.mean((pred[:, j] - truth) ** 2))
+        assert rmse < 0.5 * np.std(truth)
+
+
+def test_batch_outputs_and_table(full_run: tuple[Path, dict]) -> None:
+    out, _ = full_run
+    folder = batch_results_dir(out, "C_FE", "xgboost")
+    for name in ("metrics.json", "one_to_one.png", "residual_hist.png", "test_predictions.npz"):
+        assert (folder / "batch_1" / name).stat().st_size > 0
+    assert (folder / "C_FE_xgboost_batch_trends.png").exists()
+    assert "test_rmse" in (folder / "C_FE_xgboost_batch_summary.txt").read_text()
+    df = show_batch_results(out, "C_FE", "both")
+    assert list(df["model"]) == ["xgboost", "lightgbm"]
+    assert {"batch", "val_rmse", "test_rmse", "test_r2", "fit_seconds"} <= set(df.columns)
+
+
+def test_comparison_contains_every_model_run(full_run: tuple[Path, dict]) -> None:
+    out, res = full_run
+    df = pd.read_csv(out / "baseline" / "comparison.csv")
+    assert tuple(df.columns) == COMPARISON_COLUMNS
+    bins = ["all", *snr_bin_labels()]
+    for model in ("xgboost", "lightgbm", "cannon"):
+        sub = df[(df["model"] == model) & (df["element"] == "C_FE")]
+        assert sorted(sub["snr_bin"]) == sorted(bins)
+        row = sub[sub["snr_bin"] == "all"].iloc[0]
+        assert row["rmse"] == pytest.approx(res[model]["test"]["all"]["rmse"])
+    assert (out / "baseline" / "comparison.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("model", ["xgboost", "lightgbm", "cannon"])
+def test_saved_model_reloads_with_identical_predictions(
+    ds: Dataset, full_run: tuple[Path, dict], model: str
+) -> None:
+    out, _ = full_run
+    folder = batch_results_dir(out, "C_FE", model)
+    with np.load(folder / "batch_1" / "test_predictions.npz", allow_pickle=False) as z:
+        idx, saved = z["index"], z["y_pred"]
+    loaded = load_baseline(out, "C_FE", model, n_threads=1)
+    again = predict_baseline(loaded, ds.X[idx], ds.ivar[idx], "C_FE")
+    np.testing.assert_array_equal(again, saved)
+    assert not list(folder.glob("models/*.pkl")) and not list(folder.glob("models/*.pickle"))
+
+
+def _resume_vs_straight(ds: Dataset, tmp_path: Path, model: str, first: int) -> tuple[Path, Path, dict, dict]:
+    kw = {"batch_size": 300, "n_threads": 2, "boosting_config": FAST, "seed": 3}
+    a, b = tmp_path / "interrupted", tmp_path / "straight"
+    r1 = run_baseline(ds, "C_FE", model, a, max_batches=first, **kw)[model]
+    assert r1["batches_done"] == first and not r1["complete"]
+    assert (r1["n_batches"]) > first
+    r2 = run_baseline(ds, "C_FE", model, a, **kw)[model]
+    assert r2["processed_now"] == r2["n_batches"] - first and r2["complete"]
+    straight = run_baseline(ds, "C_FE", model, b, **kw)[model]
+    assert straight["processed_now"] == straight["n_batches"]
+    assert list(show_batch_results(a, "C_FE", model)["batch"]) == list(range(1, straight["n_batches"] + 1))
+    return a, b, r2, straight
+
+
+def test_cannon_resume_is_exact(ds: Dataset, tmp_path: Path) -> None:
+    a, b, r2, straight = _resume_vs_straight(ds, tmp_path, "cannon", first=2)
+    ma, mb = load_baseline(a, "C_FE", "cannon"), load_baseline(b, "C_FE", "cannon")
+    assert isinstance(ma, CannonModel) and isinstance(mb, CannonModel)
+    np.testing.assert_array_equal(ma.theta, mb.theta)
+    np.testing.assert_array_equal(ma.s2, mb.s2)
+    assert r2["test"]["all"]["rmse"] == straight["test"]["all"]["rmse"]
+    # batches accumulate the normal equations exactly: equal to one fit on all eligible spectra
+    names = cannon_label_names(ds, "C_FE")
+    lab = np.column_stack([ds.teff, ds.logg, ds.fe_h, ds.y[:, 0]]).astype(np.float64)
+    tr = (ds.split == 0) & np.isfinite(lab).all(axis=1)
+    one = CannonModel(names, ma.label_mean, ma.label_scale).fit(ds.X[tr], ds.ivar[tr], lab[tr])
+    np.testing.assert_allclose(one.theta, ma.theta, rtol=1e-7, atol=1e-9)
+    assert ma.n_train == int(tr.sum())
+
+
+@pytest.mark.parametrize("model", ["xgboost", "lightgbm"])
+def test_boosting_resume_matches_straight_run(ds: Dataset, tmp_path: Path, model: str) -> None:
+    a, b, r2, _ = _resume_vs_straight(ds, tmp_path, model, first=1)
+    ta, tb = show_batch_results(a, "C_FE", model), show_batch_results(b, "C_FE", model)
+    np.testing.assert_array_equal(ta["n_trees"], tb["n_trees"])
+    assert ta["n_trees"].is_monotonic_increasing
+    te = ds.split == 2
+    pa = predict_baseline(load_baseline(a, "C_FE", model), ds.X[te], ds.ivar[te], "C_FE")
+    pb = predict_baseline(load_baseline(b, "C_FE", model), ds.X[te], ds.ivar[te], "C_FE")
+    np.testing.assert_allclose(pa, pb, rtol=0, atol=1e-6)
+    assert r2["test"]["all"]["rmse"] < 0.5 * _label_std(ds, "C_FE")
+
+
+def test_changed_settings_refuse_to_resume(ds: Dataset, tmp_path: Path) -> None:
+    run_baseline(ds, "C_FE", "cannon", tmp_path, batch_size=400, max_batches=1)
+    with pytest.raises(DataMismatchError, match="batch_size"):
+        run_baseline(ds, "C_FE", "cannon", tmp_path, batch_size=500)
+
+
+def test_update_comparison_upserts(tmp_path: Path) -> None:
+    def rows(model: str, rmse: float) -> list[dict]:
+        return [
+            {"model": model, "element": "C_FE", "snr_bin": b, "n": 10, "rmse": rmse, "robust_scatter": 0.1,
+             "bias": 0.0, "r2": 0.5}
+            for b in ["all", "<20"]
+        ]  # fmt: skip
+
+    update_comparison(tmp_path, rows("xgboost", 0.2))
+    update_comparison(tmp_path, rows("cnn", 0.1))
+    df = update_comparison(tmp_path, rows("xgboost", 0.3))
+    assert len(df) == 4
+    on_disk = read_comparison(tmp_path)
+    assert tuple(on_disk.columns) == COMPARISON_COLUMNS
+    assert set(on_disk.loc[on_disk["model"] == "xgboost", "rmse"]) == {0.3}
+    assert set(on_disk.loc[on_disk["model"] == "cnn", "rmse"]) == {0.1}
+    assert list(on_disk["snr_bin"][:2]) == ["all", "<20"]
+    with pytest.raises(DataMismatchError):
+        update_comparison(tmp_path, [{"model": "x", "element": "C_FE"}])
+    fig = comparison_figure(on_disk)
+    assert isinstance(fig, Figure) and len(fig.axes) == 4
+    assert {t.get_text() for t in fig.axes[0].get_xticklabels()} == {"all", "<20"}
+
+
+def test_features_and_pca_roundtrip(ds: Dataset, tmp_path: Path) -> None:
+    filled = fill_bad_pixels(ds.X[:50], ds.ivar[:50])
+    assert np.all(filled[ds.ivar[:50] == 0] == 1.0)
+    assert np.array_equal(filled[ds.ivar[:50] > 0], ds.X[:50][ds.ivar[:50] > 0])
+    pca = PCAReducer.fit(ds.X, ds.ivar, 10, seed=0)
+    pca.save(tmp_path / "pca.npz")
+    back = PCAReducer.load(tmp_path / "pca.npz")
+    np.testing.assert_array_equal(
+        pca.transform(ds.X[:20], ds.ivar[:20]), back.transform(ds.X[:20], ds.ivar[:20])
+    )
+    assert 0.5 < pca.explained_variance_ratio.sum() <= 1.0
+
+
+def test_raw_feature_boosting_save_load(ds: Dataset, tmp_path: Path) -> None:
+    cfg = BoostingConfig(features="raw", n_rounds=30, early_stopping_rounds=0)
+    tr, te = ds.split == 0, ds.split == 2
+    for kind in ("xgboost", "lightgbm"):
+        m = BoostingRegressor(kind, cfg, n_threads=2).fit(ds.X[tr], ds.ivar[tr], ds.y[tr, 1])
+        assert m.n_trees == 30 and m.reducer is None
+        paths = m.save(tmp_path, kind)
+        assert not (tmp_path / f"{kind}_pca.npz").exists()
+        back = BoostingRegressor.load(tmp_path, kind, n_threads=1)
+        np.testing.assert_array_equal(m.predict(ds.X[te], ds.ivar[te]), back.predict(ds.X[te], ds.ivar[te]))
+        assert paths["model"].suffix == (".ubj" if kind == "xgboost" else ".txt")
+
+
+def test_model_names_and_options() -> None:
+    assert resolve_models("both") == ["xgboost", "lightgbm"]
+    assert resolve_models("all") == ["xgboost", "lightgbm", "cannon"]
+    assert resolve_models("Cannon") == ["cannon"]
+    with pytest.raises(ConfigError):
+        resolve_models("forest")
+    with pytest.raises(ConfigError):
+        BoostingRegressor("xgboost", device="tpu")
+    with pytest.raises(ConfigError):
+        BoostingConfig(features="wavelet")

@@ -1,0 +1,60 @@
+"""``specabund baseline`` through the CLI: runs, resumes nothing twice, shows batch results."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from specabund.cli import main
+from specabund.preprocess import PipelineSettings, run_preprocess
+from specabund.simulate import simulate_dataset
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bl")
+    simulate_dataset(120, root / "sim", seed=5, prediction_fraction=0.0)
+    run_preprocess(
+        fits_dir=root / "sim" / "fits",
+        output_dir=root / "processed_data",
+        reference_csv=root / "sim" / "X_FE.csv",
+        settings=PipelineSettings(chunk_size=200),
+    )
+    return root
+
+
+def _invoke(work: Path, *args: str) -> str:
+    r = CliRunner().invoke(main, ["--workdir", str(work), "baseline", *args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_baseline_cli_batches_comparison_and_show(work: Path) -> None:
+    out = _invoke(work, "--element", "mg_fe", "--model", "lightgbm", "--batch-size", "40", "--n-threads", "2")
+    m = re.search(r"MG_FE  lightgbm: batches (\d+)/(\d+)", out)
+    assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 2, out
+    n_batches = int(m.group(1))
+    comp = pd.read_csv(work / "results" / "baseline" / "comparison.csv")
+    assert list(comp.columns) == ["model", "element", "snr_bin", "n", "rmse", "robust_scatter", "bias", "r2"]
+    assert set(comp["model"]) == {"lightgbm"} and "all" in set(comp["snr_bin"])
+    folder = work / "results" / "baseline_MG_FE_lightgbm_batch_results"
+    assert (folder / "batch_tracking.csv").exists() and (folder / "MG_FE_lightgbm_batch_trends.png").exists()
+    # a second call finds every batch done and trains nothing new
+    out = _invoke(work, "--element", "MG_FE", "--model", "lightgbm", "--batch-size", "40")
+    assert f"batches {n_batches}/{n_batches}" in out and "batch 1/" not in out
+    assert len(pd.read_csv(folder / "batch_tracking.csv")) == n_batches
+    shown = _invoke(work, "--element", "MG_FE", "--model", "lightgbm", "--show-batch-results")
+    assert "lightgbm" in shown and "test_rmse" in shown
+    shown = _invoke(work, "--element", "CA_FE", "--model", "xgboost", "--show-batch-results")
+    assert "no baseline batch results" in shown
+
+
+def test_baseline_cli_unknown_element(work: Path) -> None:
+    r = CliRunner().invoke(
+        main, ["--workdir", str(work), "baseline", "--element", "QQ_FE", "--model", "cannon"]
+    )
+    assert r.exit_code == 1 and "QQ_FE" in r.output and "valid choices" in r.output
