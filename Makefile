@@ -33,7 +33,17 @@ demo: venv
 		--elements C_FE MG_FE CA_FE --epochs $(DEMO_EPOCHS) --run-name demo --overwrite --device auto
 	$(BIN)/specabund --workdir $(DEMO_DIR) test --model demo --data-path processed_data/test_dataset.npz \
 		--truth sim/truth.csv
+	$(BIN)/specabund --workdir $(DEMO_DIR) baseline --element MG_FE --model both
+	$(BIN)/specabund --workdir $(DEMO_DIR) predict --calibrate --model demo \
+		--data-path processed_data/val_dataset.npz --output-dir results/calibration
+	$(BIN)/specabund --workdir $(DEMO_DIR) predict --model demo --data-path processed_data/prediction_dataset.npz \
+		--output-dir results/predictions --elements C_FE MG_FE CA_FE
+	$(BIN)/specabund --workdir $(DEMO_DIR) analyze --model demo --elements MG_FE CA_FE --type both \
+		--data-path processed_data/test_dataset.npz --max-spectra 64 --save-batch-results
+	$(BIN)/specabund --workdir $(DEMO_DIR) report
 	@echo "demo outputs under $(DEMO_DIR)/: processed_data/, models/demo/, results/, plots/, logs/"
+	@echo "predictions: $(DEMO_DIR)/results/predictions/predictions.csv"
+	@echo "report: $(DEMO_DIR)/results/report.html"
 
 bench: venv
 	$(BIN)/python benchmarks/read_fits.py
