@@ -100,6 +100,7 @@ def test_outputs_and_contents(sim: Path, straight: Path) -> None:
     assert manifest["preprocess_hash"] == ref.preprocess_hash == pred.preprocess_hash
     # validation report and no stray temporary files
     assert (straight / "validation" / "validation_report.txt").exists()
+    assert (straight / "validation" / "plots" / "reference_label_correlations.png").exists()
     assert not list(straight.rglob("*.tmp"))
 
 

@@ -100,6 +100,10 @@ def write_validation_report(output_dir: Path, manifest: dict[str, Any]) -> Path:
         ]
         fig = _label_hist_figure(d["y"], names, f"{name}: label distributions")
         save_figure(fig, pdir / f"{name}_label_distributions.png")
+        if len(names) > 1 and len(snr) > 2:
+            save_figure(
+                label_correlation_figure(d["y"], names, name), pdir / f"{name}_label_correlations.png"
+            )
         fig = Figure(figsize=(9, 3.2), layout="constrained")
         ax1, ax2 = fig.subplots(1, 2)
         fin = snr[np.isfinite(snr) & (snr > 0)]
@@ -117,6 +121,33 @@ def write_validation_report(output_dir: Path, manifest: dict[str, Any]) -> Path:
     atomic_write_text(report, "\n".join(lines) + "\n")
     atomic_write_json(vdir / "validation_report.json", payload)
     return report
+
+
+def label_correlation_figure(y: np.ndarray, names: list[str], title: str = "") -> Figure:
+    """Heat map of the pairwise (NaN-aware) Pearson correlations between labels.
+
+    Strong correlations (for example [Mg/Fe] with [Ca/Fe] through the alpha knee) are what a data-driven
+    model can exploit instead of an element's own lines; this plot says how much room there is for that.
+    """
+    import seaborn as sns
+
+    corr = pd.DataFrame(y, columns=names).corr(min_periods=3)
+    n = len(names)
+    fig = Figure(figsize=(0.55 * n + 2.5, 0.5 * n + 1.8), layout="constrained")
+    ax = fig.subplots()
+    sns.heatmap(
+        corr,
+        ax=ax,
+        vmin=-1,
+        vmax=1,
+        cmap="RdBu_r",
+        annot=n <= 16,
+        fmt=".2f",
+        annot_kws={"size": 6},
+        square=True,
+    )
+    ax.set_title(f"{title}: label correlations".strip(": "))
+    return fig
 
 
 def _label_hist_figure(y: np.ndarray, names: list[str], title: str) -> Figure:
