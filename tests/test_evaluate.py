@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import noisy_dataset
 from specabund.dataset import Dataset
 from specabund.errors import DataMismatchError, SpecabundError
 from specabund.metrics import regression_metrics
@@ -51,27 +52,21 @@ def make_dataset(n: int = 240, n_pixels: int = 400, seed: int = 0, preprocess_ha
     y = rng.normal(0, [0.2, 0.4], size=(n, 2)).astype(np.float32)
     prof = np.exp(-0.5 * ((wl[None, :] - centres[:, None]) / (2.5 * (wl[1] - wl[0]))) ** 2)
     depth = 0.3 * np.exp(1.5 * y[:, np.arange(20) % 2])
-    snr = rng.uniform(10, 200, n).astype(np.float32)
-    X = (np.exp(-depth @ prof) + rng.normal(size=(n, n_pixels)) / snr[:, None]).astype(np.float32)
-    ivar = np.repeat((snr**2)[:, None], n_pixels, axis=1).astype(np.float32)
+    fe_h = y[:, 1].copy()
     y[rng.random(n) < 0.1, 0] = np.nan
-    names = np.array([f"spec{i}" for i in range(n)])
-    split = np.where(np.arange(n) < 0.6 * n, 0, np.where(np.arange(n) < 0.8 * n, 1, 2)).astype(np.int8)
-    return Dataset(
-        X=X,
-        ivar=ivar,
-        wavelength=wl,
-        y=y,
-        elements=list(LABELS),
-        filenames=names,
-        obsid=names,
-        spec=names,
-        teff=rng.uniform(4000, 6500, n).astype(np.float32),
-        logg=rng.uniform(1.0, 4.8, n).astype(np.float32),
-        fe_h=y[:, 1].copy(),
-        snr=snr,
+    split = np.where(np.arange(n) < 0.6 * n, 0, np.where(np.arange(n) < 0.8 * n, 1, 2))
+    return noisy_dataset(
+        np.exp(-depth @ prof),
+        y,
+        LABELS,
+        wl,
+        rng,
+        snr_range=(10, 200),
         split=split,
-        group=names,
+        teff=rng.uniform(4000, 6500, n),
+        logg=rng.uniform(1.0, 4.8, n),
+        fe_h=fe_h,
+        prefix="spec",
         preprocess_hash=preprocess_hash,
     )
 

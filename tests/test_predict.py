@@ -14,6 +14,7 @@ import torch
 from astropy.table import Table
 from click.testing import CliRunner
 
+from helpers import noisy_dataset, saturating_lines
 from specabund.dataset import Dataset, load_dataset
 from specabund.errors import ConfigError, DataMismatchError
 from specabund.models import default_config
@@ -45,35 +46,10 @@ def make_synthetic(n: int, n_pixels: int = 400, seed: int = 0, phash: str = "syn
     """Absorption lines whose depth grows with one of three labels, white noise at the spectrum's SNR."""
     rng = np.random.default_rng(seed)
     wl = 4000.0 * 10 ** (1e-4 * np.arange(n_pixels))
-    lines = np.random.default_rng(1234)
-    centres = np.sort(lines.uniform(wl[10], wl[-10], 30))
-    owner = np.arange(30) % 3
-    strength = lines.uniform(0.3, 1.2, 30)
     y = rng.normal(0.0, [0.2, 0.25, 0.4], size=(n, 3)).astype(np.float32)
-    width = 2.6 * (wl[1] - wl[0])
-    prof = np.exp(-0.5 * ((wl[None, :] - centres[:, None]) / width) ** 2)
-    flux = np.exp(-(strength[None, :] * np.exp(2.3 * y[:, owner])) @ prof)
-    snr = rng.uniform(20, 100, n).astype(np.float32)
-    X = (flux + rng.normal(size=flux.shape) / snr[:, None]).astype(np.float32)
-    ivar = np.repeat((snr**2)[:, None], n_pixels, axis=1).astype(np.float32)
-    names = np.array([f"s{seed}_{i:05d}" for i in range(n)])
-    nan = np.full(n, np.nan, dtype=np.float32)
-    return Dataset(
-        X=X,
-        ivar=ivar,
-        wavelength=wl,
-        y=y,
-        elements=list(LABELS),
-        filenames=names,
-        obsid=names,
-        spec=names,
-        teff=nan,
-        logg=nan,
-        fe_h=y[:, 2].copy(),
-        snr=snr,
-        split=np.zeros(n, dtype=np.int8),
-        group=names,
-        preprocess_hash=phash,
+    flux = saturating_lines(wl, y, 30)
+    return noisy_dataset(
+        flux, y, LABELS, wl, rng, snr_range=(20, 100), fe_h=y[:, 2], prefix=f"s{seed}_", preprocess_hash=phash
     )
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import noisy_dataset, saturating_lines, split_70_15_15
 from specabund.dataset import Dataset
 from specabund.errors import ConfigError, DataMismatchError
 from specabund.models import default_config
@@ -45,38 +46,22 @@ def make_synthetic(
     labels (so line depths saturate), plus white noise at the spectrum's SNR (ivar = SNR**2)."""
     rng = np.random.default_rng(seed)
     wl = 4000.0 * 10 ** (1e-4 * np.arange(n_pixels))
-    lines = np.random.default_rng(1234)  # fixed line list
-    centres = np.sort(lines.uniform(wl[10], wl[-10], 36))
-    owner = np.arange(36) % 3
-    strength = lines.uniform(0.3, 1.2, 36)
     y = rng.normal(0.0, [0.2, 0.25, 0.4], size=(n, 3)).astype(np.float32)
-    width = 2.6 * (wl[1] - wl[0])
-    prof = np.exp(-0.5 * ((wl[None, :] - centres[:, None]) / width) ** 2)
-    flux = np.exp(-(strength[None, :] * np.exp(2.3 * y[:, owner])) @ prof)
-    snr = rng.uniform(30, 150, n).astype(np.float32)
-    X = (flux + rng.normal(size=flux.shape) / snr[:, None]).astype(np.float32)
-    ivar = np.repeat((snr**2)[:, None], n_pixels, axis=1).astype(np.float32)
+    flux = saturating_lines(wl, y, 36)
+    fe_h = y[:, 2].copy()
     if missing_frac:
         y[rng.random(y.shape) < missing_frac] = np.nan
-    split = np.zeros(n, dtype=np.int8)
-    split[int(0.7 * n) : int(0.85 * n)] = 1
-    split[int(0.85 * n) :] = 2
-    names = np.array([f"s{i:05d}" for i in range(n)])
-    return Dataset(
-        X=X,
-        ivar=ivar,
-        wavelength=wl,
-        y=y,
-        elements=list(LABELS),
-        filenames=names,
-        obsid=names,
-        spec=names,
-        teff=rng.uniform(4000, 6500, n).astype(np.float32),
-        logg=rng.uniform(1.0, 4.8, n).astype(np.float32),
-        fe_h=y[:, 2].copy(),
-        snr=snr,
-        split=split,
-        group=names,
+    return noisy_dataset(
+        flux,
+        y,
+        LABELS,
+        wl,
+        rng,
+        snr_range=(30, 150),
+        split=split_70_15_15(n),
+        teff=rng.uniform(4000, 6500, n),
+        logg=rng.uniform(1.0, 4.8, n),
+        fe_h=fe_h,
         preprocess_hash=preprocess_hash,
     )
 

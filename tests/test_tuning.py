@@ -22,6 +22,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import specabund.cli.tune  # noqa: F401  (registers `specabund tune` on `main`)
+from helpers import noisy_dataset, split_70_15_15
 from specabund.cli import main
 from specabund.cli.train import build_configs
 from specabund.config import load_config
@@ -123,29 +124,18 @@ def make_dataset(n: int = 240, seed: int = 3) -> Dataset:
     lab = draw_labels(n, rng, independent=True)
     wl = lamost_wavelength_grid(start=1000, npix=1024)
     flux = np.array([normalized_model_flux(r, wl) for r in lab.to_dict("records")])
-    snr = rng.uniform(40, 150, n).astype(np.float32)
-    X = (flux + rng.normal(size=flux.shape) / snr[:, None]).astype(np.float32)
-    ivar = np.repeat((snr**2)[:, None], flux.shape[1], axis=1).astype(np.float32)
     y = lab[["C_FE", "MG_FE", "fe_h"]].to_numpy(np.float32)
-    split = np.zeros(n, dtype=np.int8)
-    split[int(0.7 * n) : int(0.85 * n)] = 1
-    split[int(0.85 * n) :] = 2
-    names = np.array([f"s{i:04d}" for i in range(n)])
-    return Dataset(
-        X=X,
-        ivar=ivar,
-        wavelength=wl,
-        y=y,
-        elements=list(LABELS),
-        filenames=names,
-        obsid=names,
-        spec=names,
-        teff=lab["teff"].to_numpy(np.float32),
-        logg=lab["logg"].to_numpy(np.float32),
-        fe_h=y[:, 2].copy(),
-        snr=snr,
-        split=split,
-        group=names,
+    return noisy_dataset(
+        flux,
+        y,
+        LABELS,
+        wl,
+        rng,
+        snr_range=(40, 150),
+        split=split_70_15_15(n),
+        teff=lab["teff"].to_numpy(),
+        logg=lab["logg"].to_numpy(),
+        fe_h=y[:, 2],
         preprocess_hash="tune-test",
     )
 

@@ -113,6 +113,12 @@ def simulate_cmd(
 @click.option("--denoise/--no-denoise", default=None, help="Edge-preserving denoising [off].")
 @click.option("--normalize/--no-normalize", default=None, help="Continuum normalisation [on].")
 @click.option("--seed", type=int, default=None, help="Seed of the train/val/test split.")
+@click.option(
+    "--plots/--no-plots",
+    default=True,
+    show_default=True,
+    help="Stage-by-stage plots of a few spectra and distributions in plots/preprocessing/.",
+)
 @elements_option("Abundances to keep (default: every *_FE column of the reference catalogue).")
 @config_option()
 @click.pass_context
@@ -130,6 +136,7 @@ def preprocess_cmd(
     denoise: bool | None,
     normalize: bool | None,
     seed: int | None,
+    plots: bool,
     elements: tuple[str, ...],
     config_file: str | None,
 ) -> None:
@@ -187,7 +194,7 @@ def preprocess_cmd(
         prediction_csv=prediction_csv,
         options=opts,
         settings=settings,
-        plots_dir=ws.root / "plots",
+        plots_dir=ws.root / "plots" if plots else None,
     )
     click.echo(f"preprocessed into {odir} (labels: {', '.join(manifest['labels']) or 'none'})")
     for name, c in manifest["counts"].items():

@@ -25,7 +25,13 @@ _PATH = click.Path(path_type=Path)
 @elements_option("Labels to report (default: every label of the model).")
 @click.option("--ensemble-mode", is_flag=True, help="Combine the members of an ensemble run.")
 @click.option("--mc-samples", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Spectra per forward pass (64 is fastest on a 2-core CPU).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the MC-Dropout masks.")
 @click.option("--calibrate", is_flag=True, help="Fit the uncertainty calibration on --data-path (val set).")
