@@ -17,6 +17,15 @@ spectrum with a Levenberg-Marquardt iteration vectorised over spectra, started f
 (``l = 0``) and from a linearised estimate; the lower chi2 wins. Labels are bounded to the training
 range widened by 10 % on each side.
 
+Censoring (Casey et al. 2016, "The Cannon 2"; Ho et al. 2017): with ``censor={label: mask}`` the
+coefficients of every term that involves ``label`` (its linear term, its square and its cross terms) are
+fitted only at the pixels where ``mask`` is True and fixed to zero elsewhere, so that an abundance label
+can only explain flux near its own lines instead of absorbing whatever the other labels leave over.
+Censoring only removes columns from each pixel's normal equations at solve time; the accumulated sums are
+the same, so batched training still equals a single fit. :func:`censoring_masks` builds such masks for
+``X_FE`` labels from the simulator's line list (atomic lines and molecular bands, including bands where the
+element is the partner, e.g. CN for carbon).
+
 The model saves as one ``.npz`` (no pickle), optionally with the accumulated normal equations so that
 batch training can resume.
 """
@@ -27,6 +36,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from ..errors import DataMismatchError, SpecabundError
 from ..utils import atomic_savez
@@ -35,6 +45,84 @@ logger = logging.getLogger(__name__)
 
 #: Default grid of intrinsic scatter values ``s`` (squared in use); normalised-flux units.
 DEFAULT_SCATTER_GRID: tuple[float, ...] = (0.0, *np.logspace(-3.5, -0.5, 13).tolist())
+
+#: Default half-width (Angstrom) of the censoring window around each line of an element.
+DEFAULT_CENSOR_HALF_WIDTH: float = 4.0
+
+#: Default extent of a molecular band into its band direction, in e-folding lengths of the band.
+DEFAULT_BAND_EXTENT: float = 3.0
+
+
+def element_of_label(name: str) -> str | None:
+    """Element symbol of an abundance label (``'MG_FE'`` -> ``'MG'``); None for other labels."""
+    up = name.strip().upper()
+    if up.endswith("_FE") and up != "FE_FE" and len(up) > 3:
+        return up[:-3]
+    return None
+
+
+def censoring_masks(
+    wavelength: np.ndarray,
+    label_names: list[str],
+    half_width_A: float = DEFAULT_CENSOR_HALF_WIDTH,
+    band_extent: float = DEFAULT_BAND_EXTENT,
+    linelist: pd.DataFrame | None = None,
+) -> dict[str, np.ndarray]:
+    """Pixel masks that censor the ``X_FE`` labels of a Cannon to the neighbourhood of their lines.
+
+    Parameters
+    ----------
+    wavelength : ndarray
+        Vacuum wavelengths (Angstrom) of the model pixels, shape (P,).
+    label_names : list of str
+        The Cannon's labels. Every ``X_FE`` label whose element ``X`` has a feature on the grid gets a
+        mask; TEFF, LOGG, FE_H and other labels stay free (no entry).
+    half_width_A : float
+        Half-width of the window around each atomic line, and the margin around each band.
+    band_extent : float
+        A molecular band covers its head plus ``band_extent * band_length`` Angstrom in its
+        ``band_direction`` (bands fall off as ``exp(-x / band_length)`` from the head). Bands count for
+        their ``element`` and for their ``partner`` (CN constrains carbon as well as nitrogen).
+    linelist : DataFrame, optional
+        Line list with the columns of :func:`specabund.simulate.load_linelist` (default: that list).
+
+    Returns
+    -------
+    dict
+        ``{label: bool ndarray (P,)}``, True where the label's coefficients may be fitted. Labels whose
+        element has no feature within the grid are left out (free) and logged.
+    """
+    wave = np.asarray(wavelength, dtype=np.float64)
+    if wave.ndim != 1 or wave.size == 0:
+        raise DataMismatchError("wavelength must be a non-empty 1-D array")
+    if half_width_A < 0 or band_extent < 0:
+        raise SpecabundError("half_width_A and band_extent must be >= 0")
+    if linelist is None:
+        from ..simulate.linelist import load_linelist
+
+        linelist = load_linelist()
+    el = linelist["element"].astype(str).str.upper().to_numpy()
+    partner = linelist["partner"].fillna("").astype(str).str.upper().to_numpy()
+    centre = linelist["wavelength"].to_numpy(dtype=np.float64)
+    band = (linelist["kind"] == "molecular_band").to_numpy()
+    length = np.nan_to_num(linelist["band_length"].to_numpy(dtype=np.float64)) * band_extent
+    blue = linelist["band_direction"].fillna("").astype(str).str.lower().to_numpy() == "blue"
+    lo = centre - half_width_A - np.where(band & blue, length, 0.0)
+    hi = centre + half_width_A + np.where(band & ~blue, length, 0.0)
+    out: dict[str, np.ndarray] = {}
+    for name in label_names:
+        x = element_of_label(name)
+        if x is None:
+            continue
+        rows = np.flatnonzero((el == x) | (band & (partner == x)))
+        mask = np.zeros(wave.size, dtype=bool)
+        for r in rows:
+            mask |= (wave >= lo[r]) & (wave <= hi[r])
+        if mask.any():
+            out[name] = mask
+        else:
+            logger.warning("censoring: no %s feature on the grid; label %s left free", x, name)
+    return out
 
 
 def _pairs(n_labels: int) -> list[tuple[int, int]]:
@@ -48,6 +136,11 @@ def design_matrix(labels: np.ndarray) -> np.ndarray:
     cols = [np.ones(n), *(lab[:, i] for i in range(L))]
     cols += [lab[:, i] * lab[:, j] for i, j in _pairs(L)]
     return np.stack(cols, axis=1)
+
+
+def term_labels(n_labels: int) -> list[tuple[int, ...]]:
+    """Label indices each column of :func:`design_matrix` involves (``()`` for the constant)."""
+    return [(), *((i,) for i in range(n_labels)), *_pairs(n_labels)]
 
 
 def design_jacobian(labels: np.ndarray) -> np.ndarray:
@@ -83,6 +176,11 @@ class CannonModel:
         Inferred labels are kept inside the training label range widened by this fraction of it on
         each side (a quadratic model extrapolates badly; without this, poorly fitted spectra run off to
         extreme labels).
+    censor : dict, optional
+        ``{label: bool ndarray (P,)}``: the coefficients of the terms involving ``label`` (linear, square
+        and cross terms) are fitted only where the mask is True and are zero elsewhere; a cross term of
+        two censored labels needs both masks. Labels not in the dict are free at every pixel. See
+        :func:`censoring_masks`.
     """
 
     def __init__(
@@ -93,6 +191,7 @@ class CannonModel:
         scatter_grid: tuple[float, ...] | list[float] = DEFAULT_SCATTER_GRID,
         ridge: float = 1e-8,
         bound_margin: float = 0.1,
+        censor: dict[str, np.ndarray] | None = None,
     ) -> None:
         if not label_names:
             raise SpecabundError("the Cannon needs at least one label")
@@ -113,6 +212,16 @@ class CannonModel:
         self.pixel_ok: np.ndarray | None = None
         self.label_min: np.ndarray | None = None
         self.label_max: np.ndarray | None = None
+        self.censor: dict[str, np.ndarray] = {}
+        for name, mask in (censor or {}).items():
+            if name not in self.label_names:
+                raise DataMismatchError(f"censored label {name!r} not among {self.label_names}")
+            m = np.asarray(mask)
+            if m.ndim != 1 or m.dtype != bool:
+                raise DataMismatchError(f"censoring mask of {name!r} must be a 1-D bool array")
+            self.censor[name] = m.copy()
+        if len({m.size for m in self.censor.values()}) > 1:
+            raise DataMismatchError("censoring masks of different lengths")
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -123,6 +232,19 @@ class CannonModel:
     def n_terms(self) -> int:
         L = self.n_labels
         return 1 + L + L * (L + 1) // 2
+
+    def term_mask(self, n_pixels: int) -> np.ndarray:
+        """Which design columns are fitted at each pixel under the censoring, bool (P, D)."""
+        allowed = np.ones((n_pixels, self.n_labels), dtype=bool)
+        for name, m in self.censor.items():
+            if m.size != n_pixels:
+                raise DataMismatchError(f"censoring mask of {name!r} has {m.size} pixels, not {n_pixels}")
+            allowed[:, self.label_names.index(name)] = m
+        keep = np.ones((n_pixels, self.n_terms), dtype=bool)
+        for d, labs in enumerate(term_labels(self.n_labels)):
+            for i in labs:
+                keep[:, d] &= allowed[:, i]
+        return keep
 
     def standardise(self, labels: np.ndarray) -> np.ndarray:
         if self.label_mean is None or self.label_scale is None:
@@ -145,6 +267,11 @@ class CannonModel:
             raise DataMismatchError(f"labels shape {labels.shape} != ({X.shape[0]}, {self.n_labels})")
         if self.n_pixels is not None and X.shape[1] != self.n_pixels:
             raise DataMismatchError(f"spectra have {X.shape[1]} pixels, the model has {self.n_pixels}")
+        for name, m in self.censor.items():
+            if m.size != X.shape[1]:
+                raise DataMismatchError(
+                    f"censoring mask of {name!r} has {m.size} pixels, spectra {X.shape[1]}"
+                )
         ok = np.all(np.isfinite(labels), axis=1)
         return X[ok], ivar[ok], labels[ok]
 
@@ -208,14 +335,20 @@ class CannonModel:
         theta = np.zeros((P, D))
         theta[:, 0] = 1.0
         s2 = np.full(P, np.nan)
+        keep = self.term_mask(P)
+        censored = not keep.all()
         for g in range(G):
             A = np.zeros((P, D, D))
             A[:, iu[0], iu[1]] = acc["A"][g]
             A[:, iu[1], iu[0]] = acc["A"][g]
             b = acc["b"][g]
+            if censored:  # censored columns leave the pixel's system (identity rows, zero coefficients)
+                A *= keep[:, :, None] & keep[:, None, :]
+                b = b * keep
             ok = A[:, 0, 0] > 0
             diag = np.einsum("pii->pi", A)
-            A[:, np.arange(D), np.arange(D)] += self.ridge * diag.mean(axis=1, keepdims=True) + 1e-300
+            ridge = self.ridge * diag.sum(axis=1, keepdims=True) / keep.sum(axis=1, keepdims=True)
+            A[:, np.arange(D), np.arange(D)] += np.where(keep, ridge + 1e-300, 1.0)
             th = np.zeros((P, D))
             try:
                 th[ok] = np.linalg.solve(A[ok], b[ok][..., None])[..., 0]
@@ -374,6 +507,12 @@ class CannonModel:
             "theta": self.theta,
             "s2": self.s2 if self.s2 is not None else np.zeros(0),
             "pixel_ok": self.pixel_ok if self.pixel_ok is not None else np.zeros(0, dtype=bool),
+            "censor_names": np.asarray(list(self.censor), dtype=str),
+            "censor_masks": (
+                np.stack(list(self.censor.values()))
+                if self.censor
+                else np.zeros((0, self.theta.shape[0]), dtype=bool)
+            ),
         }
         if include_accumulators and self._acc is not None:
             arrays.update({f"acc_{k}": v for k, v in self._acc.items()})
@@ -394,6 +533,13 @@ class CannonModel:
             scatter_grid=np.sqrt(d["s2_grid"]).tolist(),
             ridge=float(d["ridge"]),
             bound_margin=float(d["bound_margin"]),
+            censor=dict(
+                zip(
+                    [str(s) for s in d.get("censor_names", np.zeros(0, dtype=str)).tolist()],
+                    d.get("censor_masks", np.zeros((0, 0), dtype=bool)),
+                    strict=True,
+                )
+            ),
         )
         if d["label_min"].size:
             model.label_min, model.label_max = d["label_min"], d["label_max"]

@@ -8,7 +8,9 @@ For one element and model, :func:`run_baseline` works in
 * batch ``k`` continues the model with that batch (XGBoost/LightGBM: up to
   ``BoostingConfig.rounds_per_batch`` more boosting rounds with early stopping on the validation split,
   or ``n_rounds`` when there is a single batch; Cannon: the batch is added to the normal equations, which
-  makes the batched Cannon identical to a single fit);
+  makes the batched Cannon identical to a single fit; by default the Cannon's ``X_FE`` label is censored
+  to pixels within ``cannon_censor_half_width`` A of its element's lines and bands, see
+  :func:`~specabund.baselines.cannon.censoring_masks`);
 * after each batch the model is evaluated on the validation and test splits and
   ``batch_<k>/metrics.json``, ``batch_<k>/one_to_one.png``, ``batch_<k>/residual_hist.png`` and
   ``batch_<k>/test_predictions.npz`` are written, the model is saved atomically to
@@ -44,7 +46,7 @@ from ..plotting import save_figure
 from ..tracking import BatchTracker
 from ..utils import atomic_savez, atomic_write_json, hash_bytes, hash_json
 from .boosting import BOOSTING_KINDS, BoostingConfig, BoostingRegressor
-from .cannon import DEFAULT_SCATTER_GRID, CannonModel
+from .cannon import DEFAULT_CENSOR_HALF_WIDTH, DEFAULT_SCATTER_GRID, CannonModel, censoring_masks
 from .comparison import comparison_rows, save_comparison_figure, update_comparison
 from .features import PCAReducer
 from .plots import one_to_one_figure, residual_histogram_figure
@@ -126,6 +128,7 @@ class _Run:
         boosting_config: BoostingConfig,
         scatter_grid: tuple[float, ...],
         snr_bins: tuple[float, ...],
+        cannon_censor_half_width: float | None = DEFAULT_CENSOR_HALF_WIDTH,
     ) -> None:
         self.ds = dataset
         self.element = element
@@ -137,6 +140,7 @@ class _Run:
         self.boosting_config = boosting_config
         self.scatter_grid = tuple(float(s) for s in scatter_grid)
         self.snr_bins = tuple(snr_bins)
+        self.censor_half_width = None if cannon_censor_half_width is None else float(cannon_censor_half_width)
         self.folder = batch_results_dir(out_root, element, model)
         self.models_dir = self.folder / "models"
         self.tracker = BatchTracker(self.folder, f"{element}_{model}")
@@ -172,7 +176,7 @@ class _Run:
     def run_info(self) -> dict[str, Any]:
         cfg: dict[str, Any]
         if self.model == "cannon":
-            cfg = {"scatter_grid": list(self.scatter_grid)}
+            cfg = {"scatter_grid": list(self.scatter_grid), "censor_half_width": self.censor_half_width}
         else:
             cfg = asdict(self.boosting_config)
         data_hash = hash_bytes(
@@ -216,11 +220,15 @@ class _Run:
         if self.model == "cannon":
             lab = self.labels[self.train_idx]
             scale = lab.std(axis=0)
+            censor = None
+            if self.censor_half_width is not None:
+                censor = censoring_masks(self.ds.wavelength, self.label_names, self.censor_half_width)
             return CannonModel(
                 self.label_names,
                 lab.mean(axis=0),
                 np.where(scale > 0, scale, 1.0),
                 scatter_grid=self.scatter_grid,
+                censor=censor,
             )
         m = BoostingRegressor(self.model, self.boosting_config, self.n_threads, self.device, self.seed)
         if self.boosting_config.features == "pca":
@@ -416,6 +424,7 @@ def run_baseline(
     boosting_config: BoostingConfig | None = None,
     scatter_grid: tuple[float, ...] | list[float] = DEFAULT_SCATTER_GRID,
     snr_bins: tuple[float, ...] = DEFAULT_SNR_BINS,
+    cannon_censor_half_width: float | None = DEFAULT_CENSOR_HALF_WIDTH,
 ) -> dict[str, dict[str, Any]]:
     """Train, evaluate and compare baseline model(s) for one element, batch by batch and resumably.
 
@@ -450,6 +459,11 @@ def run_baseline(
         Cannon intrinsic-scatter grid.
     snr_bins : tuple of float
         SNR bin edges of the test metrics.
+    cannon_censor_half_width : float or None
+        Censoring of the Cannon (Casey et al. 2016): the coefficients of an ``X_FE`` label are fitted only
+        within this many Angstrom of the element's lines in the line list (molecular bands over their
+        extent) and are zero elsewhere; TEFF, LOGG and FE_H stay free. Needs ``dataset.wavelength`` in
+        vacuum Angstrom. ``None`` turns censoring off (the label is free at every pixel).
 
     Returns
     -------
@@ -480,6 +494,7 @@ def run_baseline(
             cfg,
             tuple(scatter_grid),
             tuple(snr_bins),
+            cannon_censor_half_width,
         )
         out[model] = run.run(batches_per_round, max_batches)
     return out
