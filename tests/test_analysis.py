@@ -363,3 +363,11 @@ def test_analyze_cli(trained: tuple[LoadedModel, Dataset, Path], tmp_path: Path)
     assert bad.exit_code == 1 and "does not predict" in bad.output
     missing = runner.invoke(main, ["--workdir", str(tmp_path), "analyze", "--data-path", "nope.npz"])
     assert missing.exit_code == 1 and "no such dataset" in missing.output
+
+
+def test_telluric_regions_are_named() -> None:
+    from specabund.analysis.explain import telluric_note
+
+    assert telluric_note(7585.0, 7600.0) == "telluric O2 A band?"
+    assert telluric_note(6860.0, 6866.0) == "telluric O2 B band?"  # within the RV margin
+    assert telluric_note(5160.0, 5190.0) == ""

@@ -40,6 +40,7 @@ __all__ = [
     "linelist_sources",
     "lines_in_region",
     "own_line_mask",
+    "telluric_note",
 ]
 
 #: Fractions of the importance on the element's own lines above which the verdict says they dominate /
@@ -141,6 +142,28 @@ def lines_in_region(
             }
         )
     return out
+
+
+#: Telluric absorption bands (observed frame, vacuum A). In the rest frame they move with each star's RV
+#: (+-300 km/s shifts them by up to ~0.1%), so a region near them may be telluric rather than stellar.
+TELLURIC_BANDS: tuple[tuple[float, float, str], ...] = (
+    (6867.0, 6884.0, "O2 B band"),
+    (7160.0, 7340.0, "H2O"),
+    (7594.0, 7621.0, "O2 A band"),
+    (8130.0, 8350.0, "H2O"),
+    (8950.0, 9100.0, "H2O"),
+)
+
+
+def telluric_note(wave_start: float, wave_end: float, rv_margin: float = 1e-3) -> str:
+    """``'telluric O2 A band?'`` when ``[wave_start, wave_end]`` overlaps a telluric band widened by
+    ``rv_margin`` (fractional, for the stars' radial velocities); ``''`` otherwise."""
+    names = [
+        name
+        for lo, hi, name in TELLURIC_BANDS
+        if wave_end >= lo * (1 - rv_margin) and wave_start <= hi * (1 + rv_margin)
+    ]
+    return f"telluric {' / '.join(names)}?" if names else ""
 
 
 def format_lines(lines: list[dict[str, Any]]) -> str:

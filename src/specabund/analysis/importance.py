@@ -43,7 +43,7 @@ from ..simulate import load_linelist
 from ..training.data import prepare_input
 from ..training.saved import LoadedEnsemble, LoadedModel
 from ..utils import atomic_savez
-from .explain import element_of_label, feature_extents, format_lines, lines_in_region
+from .explain import element_of_label, feature_extents, format_lines, lines_in_region, telluric_note
 
 logger = logging.getLogger(__name__)
 
@@ -439,13 +439,15 @@ def top_regions(
     rows = []
     for p, a, b in regions:
         frac = float(imp[a : b + 1].sum() / total)
-        lines = lines_in_region(wl[a] - 0.5 * dwl[a], wl[b] + 0.5 * dwl[b], wl[p], ll, line_pad)
+        w0, w1 = float(wl[a] - 0.5 * dwl[a]), float(wl[b] + 0.5 * dwl[b])
+        lines = lines_in_region(w0, w1, wl[p], ll, line_pad)
+        tell = telluric_note(w0, w1)
         rows.append(
             {
-                "wave_start": float(wl[a] - 0.5 * dwl[a]),
-                "wave_end": float(wl[b] + 0.5 * dwl[b]),
+                "wave_start": w0,
+                "wave_end": w1,
                 "importance": frac,
-                "lines": format_lines(lines),
+                "lines": f"{tell} {format_lines(lines)}" if tell else format_lines(lines),
                 "centre": float(wl[p]),
             }
         )
