@@ -56,7 +56,7 @@ class PipelineSettings:
 
     chunk_size: int = 1000
     n_workers: int = 1
-    batch_size: int = 32
+    batch_size: int = 32  # files handed to a worker process at once (n_workers > 1)
     normalize: bool = True
     use_cache: bool = True
     clear_cache: bool = False
@@ -238,12 +238,13 @@ def split_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) -
 # the run
 
 
-def _default_map(n_workers: int) -> tuple[MapFn, Callable[[], None]]:
+def _default_map(n_workers: int, batch_size: int = 32) -> tuple[MapFn, Callable[[], None]]:
+    """``map`` for one worker; a joblib process pool handing ``batch_size`` files to a worker at once."""
     if n_workers <= 1:
         return (lambda f, it: map(f, it)), (lambda: None)
     from joblib import Parallel, delayed
 
-    par = Parallel(n_jobs=n_workers, batch_size=32, return_as="generator")
+    par = Parallel(n_jobs=n_workers, batch_size=batch_size, return_as="generator")
     par.__enter__()
 
     def pmap(f: Callable[[Any], Any], it: Iterable[Any]) -> Iterable[Any]:
@@ -350,7 +351,7 @@ def run_preprocess(
     cache_root.mkdir(parents=True, exist_ok=True)
 
     if map_fn is None:
-        map_fn, close_map = _default_map(st.n_workers)
+        map_fn, close_map = _default_map(st.n_workers, st.batch_size)
     else:
         close_map = lambda: None  # noqa: E731
 
