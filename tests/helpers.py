@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -76,3 +77,18 @@ def saturating_lines(wavelength: np.ndarray, y: np.ndarray, n_lines: int) -> np.
     width = 2.6 * (wavelength[1] - wavelength[0])
     prof = np.exp(-0.5 * ((wavelength[None, :] - centres[:, None]) / width) ** 2)
     return np.exp(-(strength[None, :] * np.exp(2.3 * y[:, owner])) @ prof)
+
+
+def simulated_workdir(root: Path, n: int, seed: int) -> Path:
+    """A workdir with ``n`` simulated reference spectra in ``sim/`` preprocessed into ``processed_data/``."""
+    from specabund.preprocess import PipelineSettings, run_preprocess
+    from specabund.simulate import simulate_dataset
+
+    simulate_dataset(n, root / "sim", seed=seed, prediction_fraction=0.0)
+    run_preprocess(
+        fits_dir=root / "sim" / "fits",
+        output_dir=root / "processed_data",
+        reference_csv=root / "sim" / "X_FE.csv",
+        settings=PipelineSettings(chunk_size=max(n, 1)),
+    )
+    return root

@@ -9,22 +9,13 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from helpers import simulated_workdir
 from specabund.cli import main
-from specabund.preprocess import PipelineSettings, run_preprocess
-from specabund.simulate import simulate_dataset
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bl")
-    simulate_dataset(120, root / "sim", seed=5, prediction_fraction=0.0)
-    run_preprocess(
-        fits_dir=root / "sim" / "fits",
-        output_dir=root / "processed_data",
-        reference_csv=root / "sim" / "X_FE.csv",
-        settings=PipelineSettings(chunk_size=200),
-    )
-    return root
+    return simulated_workdir(tmp_path_factory.mktemp("bl"), 120, seed=5)
 
 
 def _invoke(work: Path, *args: str) -> str:

@@ -10,24 +10,15 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from helpers import simulated_workdir
 from specabund.cli import main
-from specabund.preprocess import PipelineSettings, run_preprocess
-from specabund.simulate import simulate_dataset
 
 FAST = ["--model-name", "rescnn_small", "--epochs", "2", "--batch-size", "16", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("work")
-    simulate_dataset(80, root / "sim", seed=3, prediction_fraction=0.0)
-    run_preprocess(
-        fits_dir=root / "sim" / "fits",
-        output_dir=root / "processed_data",
-        reference_csv=root / "sim" / "X_FE.csv",
-        settings=PipelineSettings(chunk_size=100),
-    )
-    return root
+    return simulated_workdir(tmp_path_factory.mktemp("work"), 80, seed=3)
 
 
 def _invoke(work: Path, *args: str) -> str:
