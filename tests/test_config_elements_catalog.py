@@ -118,6 +118,7 @@ def test_read_catalog_normalises_columns(tmp_path: Path) -> None:
     y = cat.labels(cat.label_names)
     assert np.isnan(y[0, 1]) and np.isnan(y[1, 0])  # missing abundances stay NaN
     assert y[1, 2] == 5500
+    assert np.isnan(cat.labels(["CA_FE"])).all()  # an absent column is all NaN, not an error
     assert np.isnan(cat.table["rv"][1])
     assert read_catalog(csv, ["mg"]).elements == ["MG_FE"]
 

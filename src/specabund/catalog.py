@@ -58,9 +58,13 @@ class Catalog:
         return [*self.elements, *params]
 
     def labels(self, names: list[str]) -> np.ndarray:
-        """(N, len(names)) float array of the named labels (NaN when missing)."""
-        cols = [_PARAM_ALIASES.get(n, n) for n in names]
-        return self.table[cols].to_numpy(dtype=float)
+        """(N, len(names)) float array of the named labels (NaN when missing, also for absent columns)."""
+        y = np.full((len(self.table), len(names)), np.nan)
+        for j, name in enumerate(names):
+            col = _PARAM_ALIASES.get(name, name)
+            if col in self.table:
+                y[:, j] = self.table[col].to_numpy(dtype=float)
+        return y
 
 
 def read_catalog(

@@ -56,14 +56,6 @@ class BatchTracker:
     def is_done(self, batch: int) -> bool:
         return int(batch) in set(self.completed())
 
-    def next_batch(self) -> int:
-        """The first batch number (1-based) not yet recorded."""
-        done = set(self.completed())
-        k = 1
-        while k in done:
-            k += 1
-        return k
-
     def batch_path(self, batch: int, suffix: str) -> Path:
         """Path of a per-batch output file, ``<folder>/batch_<k>_<suffix>``."""
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ Identical inputs give byte-identical outputs, whatever the number of workers or 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -32,7 +31,7 @@ import pandas as pd
 
 from .. import __version__
 from ..catalog import Catalog, MatchResult, match_catalog, read_catalog, spec_key
-from ..dataset import SPLIT_CODES, load_dataset
+from ..dataset import SPLIT_CODES
 from ..errors import FitsFormatError, SpecabundError
 from ..io import iter_fits_files, read_lamost
 from ..utils import NpzWriter, atomic_write, atomic_write_json, hash_bytes, hash_json
@@ -448,7 +447,7 @@ def _assemble(
         status = meta.get("status", np.array([], dtype=str))
         table = plan.catalog.table
         rows = plan.match.rows
-        y = _labels_for(plan.catalog, names, rows)
+        y = plan.catalog.labels(names)[rows]
         keep = status == "ok"
         if plan.name == "reference":
             abund = [i for i, nm in enumerate(names) if nm.endswith("_FE")]
@@ -541,17 +540,6 @@ def _label_names(cat: Catalog, st: PipelineSettings) -> list[str]:
     return names
 
 
-def _labels_for(cat: Catalog, names: list[str], rows: np.ndarray) -> np.ndarray:
-    table = cat.table
-    cols = {"TEFF": "teff", "LOGG": "logg", "FE_H": "fe_h"}
-    y = np.full((len(rows), len(names)), np.nan)
-    for j, nm in enumerate(names):
-        col = cols.get(nm, nm)
-        if col in table:
-            y[:, j] = table[col].to_numpy(dtype=float)[rows]
-    return y
-
-
 def _groups(plan: _SetPlan, meta: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
     table = plan.catalog.table
     keys = np.array([spec_key(s) for s in table["spec"].to_numpy()[rows]], dtype=str)
@@ -632,15 +620,3 @@ def _write_dataset(
             w.add_array(key, arr if arr.ndim == 0 else arr[idx])
         w.close()
     log.info("wrote %s (%d spectra)", path, n)
-
-
-def summarize_dataset(path: str | Path) -> dict[str, Any]:
-    """A short description of a dataset file (for logs and the CLI)."""
-    ds = load_dataset(path)
-    return {
-        "file": str(path),
-        "n": len(ds),
-        "n_pixels": ds.n_pixels,
-        "labels": ds.elements,
-        "size_mb": round(os.path.getsize(path) / 2**20, 2),
-    }
