@@ -1,142 +1,152 @@
-"""Benchmark of the baselines: fit time, prediction speed and test RMSE per model.
+"""Benchmark of the baselines next to the CNN: fit time, prediction speed and test RMSE per model.
 
-Spectra come from :mod:`specabund.simulate` when it is importable: labels from ``draw_labels`` (Galactic
-sample) and noiseless continuum-normalised model flux on the LAMOST grid from ``normalized_model_flux``,
-plus Gaussian noise at a g-band SNR drawn log-uniformly in 10-200 and 0.2 % dead pixels. This stands for
-perfectly preprocessed spectra (the FITS -> preprocessing round trip is not part of this benchmark).
-Otherwise a built-in generator of Gaussian absorption lines is used. The script prints which.
+Uses the same data as ``benchmarks/train.py``: N simulated LAMOST FITS files (SNR 10-200), preprocessed
+once by the pipeline and cached under --cache-dir (shared with the training benchmark), with the same
+train/val/test split. For every element it fits, with the defaults of ``specabund baseline``:
 
-Usage::
+* XGBoost and LightGBM on 64 PCA components (``--compare-features`` adds raw pixels), early stopping on
+  the validation split;
+* the Cannon: regional cubic models with censoring and the training-label prior (``CannonSettings()``),
+  and, for reference, the classic global quadratic Cannon (maximum likelihood, censored).
 
-    python benchmarks/baselines.py [--n 5000] [--elements C_FE MG_FE] [--threads N] [--compare-features]
+The CNN row comes from the model that ``benchmarks/train.py`` left in the cache (same N and seed): its
+test RMSE and inference speed on the same test split. Without it, the CNN row says how to make it.
+
+    python benchmarks/baselines.py                      # N = 5000, the training benchmark's data
+    python benchmarks/baselines.py --n 600 --elements MG_FE
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from specabund.baselines import BoostingConfig, BoostingRegressor, CannonModel
-from specabund.dataset import Dataset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from train import DEFAULT_LABELS, THREADS, _preprocess, _simulate
 
-def simulate_spectra(n: int, elements: list[str], seed: int) -> tuple[Dataset, str]:
-    rng = np.random.default_rng(seed)
-    try:
-        from specabund.simulate import draw_labels, lamost_wavelength_grid, normalized_model_flux
-    except ImportError:
-        return builtin_spectra(n, elements, rng), "built-in Gaussian-line generator"
-    labels = draw_labels(n, rng, independent=False)
-    wl = lamost_wavelength_grid()
-    flux = np.stack([normalized_model_flux(r, wl) for r in labels.to_dict("records")])
-    snr = np.exp(rng.uniform(np.log(10), np.log(200), n))
-    ds = _assemble(flux, wl, labels[elements].to_numpy(), elements, labels, snr, rng)
-    return ds, "specabund.simulate (draw_labels + normalized_model_flux + noise)"
-
-
-def builtin_spectra(n: int, elements: list[str], rng: np.random.Generator) -> Dataset:
-    import pandas as pd
-
-    wl = np.linspace(3900.0, 5800.0, 2000)
-    lab = pd.DataFrame(
-        {
-            "teff": rng.uniform(4200, 6500, n),
-            "logg": rng.uniform(1, 4.8, n),
-            "fe_h": rng.normal(-0.3, 0.35, n),
-        }
-    )
-    for e in elements:
-        lab[e] = rng.normal(0.05, 0.15, n)
-    t, g = (lab["teff"].to_numpy() - 5300) / 700, (lab["logg"].to_numpy() - 3) / 1.1
-    flux = np.ones((n, wl.size))
-    for _ in range(150):
-        c, w = rng.uniform(wl[5], wl[-5]), rng.uniform(1.5, 4)
-        owner = rng.integers(-1, len(elements))
-        d = rng.uniform(0.05, 0.3) * np.exp(rng.normal(-0.3, 0.3) * t + rng.normal(0, 0.2) * g
-                                            + rng.uniform(0.3, 1) * lab["fe_h"].to_numpy())  # fmt: skip
-        if owner >= 0:
-            d = d * np.exp(2.0 * lab[elements[owner]].to_numpy())
-        flux -= np.clip(d, 0, 0.9)[:, None] * np.exp(-0.5 * ((wl - c) / w) ** 2)
-    snr = np.exp(rng.uniform(np.log(10), np.log(200), n))
-    return _assemble(flux, wl, lab[elements].to_numpy(), elements, lab, snr, rng)
-
-
-def _assemble(flux, wl, y, elements, labels, snr, rng) -> Dataset:  # type: ignore[no-untyped-def]
-    n = len(flux)
-    X = (flux + rng.normal(size=flux.shape) / snr[:, None]).astype(np.float32)
-    ivar = np.repeat((snr**2)[:, None], flux.shape[1], axis=1).astype(np.float32)
-    bad = rng.random(X.shape) < 0.002
-    X[bad], ivar[bad] = 0.0, 0.0
-    names = np.array([f"sim{i}" for i in range(n)])
-    return Dataset(
-        X=X, ivar=ivar, wavelength=np.asarray(wl, dtype=float), y=np.asarray(y, dtype=np.float32),
-        elements=list(elements), filenames=names, obsid=names, spec=names,
-        teff=labels["teff"].to_numpy(np.float32), logg=labels["logg"].to_numpy(np.float32),
-        fe_h=labels["fe_h"].to_numpy(np.float32), snr=snr.astype(np.float32),
-        split=rng.choice([0, 1, 2], n, p=[0.7, 0.15, 0.15]).astype(np.int8), group=names,
-    )  # fmt: skip
+from specabund.baselines import (
+    BoostingConfig,
+    BoostingRegressor,
+    CannonModel,
+    CannonSettings,
+    RegionalCannon,
+    cannon_label_names,
+    label_column,
+)
+from specabund.baselines.cannon import censoring_masks
+from specabund.dataset import Dataset, load_dataset
 
 
 def rmse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2)))
 
 
+def cannon_models(ds: Dataset, element: str, train: np.ndarray) -> list[tuple[str, object, list[str]]]:
+    names = cannon_label_names(ds, element)
+    lab = np.column_stack([label_column(ds, n) for n in names])[train]
+    mean, sd = lab.mean(axis=0), lab.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    cen = censoring_masks(ds.wavelength, names)
+    s = CannonSettings()
+    k = s.n_regions(len(lab))
+    regional: CannonModel | RegionalCannon = RegionalCannon(
+        names, mean, sd, n_regions=k, order=s.order, overlap=s.overlap, scatter_grid=s.grid(k),
+        censor=cen, prior=s.prior,
+    )  # fmt: skip
+    if k == 1:  # as the runner: one region is a single model
+        regional = CannonModel(
+            names, mean, sd, scatter_grid=s.grid(1), censor=cen, order=s.order, prior=s.prior
+        )
+    classic = CannonModel(names, mean, sd, censor=cen, order=2)
+    return [(f"cannon-regional{k}", regional, names), ("cannon-classic", classic, names)]
+
+
+def cnn_predictions(run_dir: Path, ds: Dataset, te: np.ndarray) -> tuple[float, np.ndarray, list[str]] | None:
+    """Speed (spectra/s), test predictions and labels of the training benchmark's CNN, if it exists."""
+    if not (run_dir / "model.safetensors").exists():
+        return None
+    from specabund.training import load_model
+
+    model = load_model(run_dir, "cpu")
+    model.predict(ds.X[te][:8], ds.ivar[te][:8])  # warm-up
+    t0 = time.perf_counter()
+    pred, _ = model.predict(ds.X[te], ds.ivar[te], batch_size=256)
+    return te.sum() / (time.perf_counter() - t0), pred, list(model.labels)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=5000)
-    ap.add_argument("--elements", nargs="+", default=["C_FE", "MG_FE"])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=1)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=5000, help="simulated spectra (as benchmarks/train.py)")
+    ap.add_argument("--seed", type=int, default=2024, help="simulation seed (as benchmarks/train.py)")
+    ap.add_argument("--elements", nargs="+", default=["C_FE", "MG_FE", "CA_FE"])
+    ap.add_argument("--threads", type=int, default=THREADS, help="threads of the tree models")
     ap.add_argument("--compare-features", action="store_true", help="also run the trees on raw pixels")
     ap.add_argument("--models", nargs="+", default=["xgboost", "lightgbm", "cannon"])
+    ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/specabund_bench_train"))
     args = ap.parse_args()
 
-    t0 = time.perf_counter()
-    ds, source = simulate_spectra(args.n, args.elements, args.seed)
-    print(f"data: {source}; {len(ds)} spectra x {ds.n_pixels} pixels in {time.perf_counter() - t0:.1f} s")
-    print(f"threads={args.threads} device={args.device}")
+    elements = [lab[:-3] for lab in DEFAULT_LABELS if lab.endswith("_FE")]
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    sim = _simulate(args.n, args.seed, args.cache_dir)
+    ds = load_dataset(_preprocess(sim, elements, args.cache_dir))
     tr, va, te = (ds.split == s for s in (0, 1, 2))
-    print(f"train/val/test = {tr.sum()}/{va.sum()}/{te.sum()}")
-    print(f"{'model':<18}{'element':<8}{'fit s':>9}{'pred spec/s':>13}{'test RMSE':>11}{'label std':>11}")
-    variants: list[tuple[str, str]] = []
-    for m in args.models:
-        if m == "cannon":
-            variants.append(("cannon", ""))
-        else:
-            variants.append((m, "pca"))
-            if args.compare_features:
-                variants.append((m, "raw"))
+    print(
+        f"data: {len(ds)} spectra x {ds.n_pixels} pixels; train/val/test = {tr.sum()}/{va.sum()}/{te.sum()}"
+    )
+    print(f"tree threads={args.threads}")
+    hi = ds.snr > 50
+    head = f"{'model':<20}{'element':<8}{'fit s':>9}{'pred spec/s':>13}{'RMSE':>9}{'RMSE>50':>9}{'std':>8}"
+    print(head)
+    cnn = cnn_predictions(args.cache_dir / f"run_{sim.name}", ds, te)
     for element in args.elements:
-        j = ds.label_index(element)
-        y = ds.y[:, j].astype(float)
-        for kind, feat in variants:
-            t0 = time.perf_counter()
-            if kind == "cannon":
-                names = ["TEFF", "LOGG", "FE_H", element]
-                lab = np.column_stack([ds.teff, ds.logg, ds.fe_h, y])
-                model = CannonModel(names).fit(ds.X[tr], ds.ivar[tr], lab[tr])
-                fit_s = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                pred = model.predict_label(ds.X[te], ds.ivar[te], element)
+        y = label_column(ds, element).astype(float)
+        fin = np.isfinite(y)
+        test = te & fin
+        variants: list[tuple[str, object, list[str] | None]] = []
+        for m in args.models:
+            if m == "cannon":
+                variants += cannon_models(ds, element, tr & fin)
             else:
-                b = BoostingRegressor(
-                    kind, BoostingConfig(features=feat), args.threads, args.device, args.seed
-                )
-                b.fit(ds.X[tr], ds.ivar[tr], y[tr], ds.X[va], ds.ivar[va], y[va])
-                fit_s = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                pred = b.predict(ds.X[te], ds.ivar[te])
+                feats = ["pca", "raw"] if args.compare_features else ["pca"]
+                for f in feats:
+                    b = BoostingRegressor(m, BoostingConfig(features=f), args.threads, "cpu", 1)
+                    variants.append((f"{m}-{f}", b, None))
+        for name, model, names in variants:
+            t0 = time.perf_counter()
+            if names is not None:  # a Cannon: all its labels must be finite in training
+                lab = np.column_stack([label_column(ds, n) for n in names])
+                fit_rows = tr & np.all(np.isfinite(lab), axis=1)
+                model.fit(ds.X[fit_rows], ds.ivar[fit_rows], lab[fit_rows])  # type: ignore[attr-defined]
+            else:
+                a, v = tr & fin, va & fin
+                model.fit(ds.X[a], ds.ivar[a], y[a], ds.X[v], ds.ivar[v], y[v])  # type: ignore[attr-defined]
+            fit_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            if names is not None:
+                pred = model.predict_label(ds.X[test], ds.ivar[test], element)  # type: ignore[attr-defined]
+            else:
+                pred = model.predict(ds.X[test], ds.ivar[test])  # type: ignore[attr-defined]
             pred_s = time.perf_counter() - t1
-            name = kind if not feat else f"{kind}-{feat}"
+            h = hi[test]
             print(
-                f"{name:<18}{element:<8}{fit_s:>9.2f}{te.sum() / pred_s:>13.0f}{rmse(pred, y[te]):>11.4f}"
-                f"{np.std(y[te]):>11.4f}",
+                f"{name:<20}{element:<8}{fit_s:>9.1f}{test.sum() / pred_s:>13.0f}{rmse(pred, y[test]):>9.4f}"
+                f"{rmse(pred[h], y[test][h]):>9.4f}{np.std(y[test]):>8.4f}",
                 flush=True,
             )
+        if cnn is not None and element in cnn[2]:
+            speed, p_all, labels = cnn
+            p, yt, h = p_all[fin[te], labels.index(element)], y[test], hi[test]
+            print(
+                f"{'cnn (train.py)':<20}{element:<8}{'-':>9}{speed:>13.0f}{rmse(p, yt):>9.4f}"
+                f"{rmse(p[h], yt[h]):>9.4f}{np.std(yt):>8.4f}"
+            )
+        else:
+            print(f"{'cnn':<20}{element:<8}  no trained model for it: run benchmarks/train.py --n {args.n}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from specabund.baselines import (
     BoostingConfig,
     BoostingRegressor,
     CannonModel,
+    CannonSettings,
     PCAReducer,
+    RegionalCannon,
     batch_results_dir,
     cannon_label_names,
     comparison_figure,
@@ -28,6 +30,7 @@ from specabund.baselines import (
     update_comparison,
 )
 from specabund.baselines.cannon import censoring_masks, term_labels
+from specabund.baselines.regional import auto_n_regions
 from specabund.dataset import Dataset
 from specabund.errors import ConfigError, DataMismatchError
 from specabund.metrics import snr_bin_labels
@@ -107,7 +110,9 @@ def test_cannon_fits_labels_jointly(ds: Dataset, full_run: tuple[Path, dict]) ->
     out, res = full_run
     assert res["cannon"]["labels"] == ["TEFF", "LOGG", "FE_H", "C_FE"]
     model = load_baseline(out, "C_FE", "cannon")
-    assert isinstance(model, CannonModel)
+    assert isinstance(model, RegionalCannon)  # the default: cubic models per region of Teff/logg/[Fe/H]
+    n_train = int(((ds.split == 0) & np.isfinite(ds.y[:, 0])).sum())
+    assert model.order == 3 and model.prior and len(model.regions) == auto_n_regions(n_train) > 1
     te = (ds.split == 2) & np.isfinite(ds.y[:, 0])
     pred = model.predict(ds.X[te], ds.ivar[te])
     assert pred.shape == (int(te.sum()), 4)
@@ -155,8 +160,10 @@ def test_saved_model_reloads_with_identical_predictions(
     assert not list(folder.glob("models/*.pkl")) and not list(folder.glob("models/*.pickle"))
 
 
-def _resume_vs_straight(ds: Dataset, tmp_path: Path, model: str, first: int) -> tuple[Path, Path, dict, dict]:
-    kw = {"batch_size": 300, "n_threads": 2, "boosting_config": FAST, "seed": 3}
+def _resume_vs_straight(
+    ds: Dataset, tmp_path: Path, model: str, first: int, cannon: CannonSettings | None = None
+) -> tuple[Path, Path, dict, dict]:
+    kw = {"batch_size": 300, "n_threads": 2, "boosting_config": FAST, "seed": 3, "cannon": cannon}
     a, b = tmp_path / "interrupted", tmp_path / "straight"
     r1 = run_baseline(ds, "C_FE", model, a, max_batches=first, **kw)[model]
     assert r1["batches_done"] == first and not r1["complete"]
@@ -169,10 +176,33 @@ def _resume_vs_straight(ds: Dataset, tmp_path: Path, model: str, first: int) -> 
     return a, b, r2, straight
 
 
-def test_cannon_resume_is_exact(ds: Dataset, tmp_path: Path) -> None:
+def test_regional_cannon_resume_is_exact(ds: Dataset, tmp_path: Path) -> None:
     a, b, r2, straight = _resume_vs_straight(ds, tmp_path, "cannon", first=2)
     ma, mb = load_baseline(a, "C_FE", "cannon"), load_baseline(b, "C_FE", "cannon")
+    assert isinstance(ma, RegionalCannon) and isinstance(mb, RegionalCannon)
+    np.testing.assert_array_equal(ma.centroids, mb.centroids)
+    for ra, rb in zip([ma.finder, *ma.regions], [mb.finder, *mb.regions], strict=True):
+        np.testing.assert_array_equal(ra.theta, rb.theta)
+        np.testing.assert_array_equal(ra.s2, rb.s2)
+    assert r2["test"]["all"]["rmse"] == straight["test"]["all"]["rmse"]
+    # the batches add up to one fit on all eligible spectra, with the regions of the whole training split
+    names = cannon_label_names(ds, "C_FE")
+    lab = np.column_stack([ds.teff, ds.logg, ds.fe_h, ds.y[:, 0]]).astype(np.float64)
+    tr = (ds.split == 0) & np.isfinite(lab).all(axis=1)
+    one = RegionalCannon(
+        names, ma.label_mean, ma.label_scale, n_regions=len(ma.regions), censor=ma.censor, seed=3, prior=True
+    ).fit(ds.X[tr], ds.ivar[tr], lab[tr])
+    for r1, rr in zip([one.finder, *one.regions], [ma.finder, *ma.regions], strict=True):
+        np.testing.assert_allclose(r1.theta, rr.theta, rtol=1e-7, atol=1e-9)
+    assert ma.n_train == int(tr.sum())
+
+
+def test_single_cannon_resume_is_exact(ds: Dataset, tmp_path: Path) -> None:
+    classic = CannonSettings(order=2, regions=1, prior=False)
+    a, b, r2, straight = _resume_vs_straight(ds, tmp_path, "cannon", first=2, cannon=classic)
+    ma, mb = load_baseline(a, "C_FE", "cannon"), load_baseline(b, "C_FE", "cannon")
     assert isinstance(ma, CannonModel) and isinstance(mb, CannonModel)
+    assert ma.order == 2 and not ma.prior
     np.testing.assert_array_equal(ma.theta, mb.theta)
     np.testing.assert_array_equal(ma.s2, mb.s2)
     assert r2["test"]["all"]["rmse"] == straight["test"]["all"]["rmse"]
@@ -261,6 +291,10 @@ def test_model_names_and_options() -> None:
     assert resolve_models("both") == ["xgboost", "lightgbm"]
     assert resolve_models("all") == ["xgboost", "lightgbm", "cannon"]
     assert resolve_models("Cannon") == ["cannon"]
+    for bad in ({"order": 5}, {"regions": -1}, {"overlap": 0}, {"censor_half_width": -1.0}):
+        with pytest.raises(ConfigError):
+            CannonSettings(**bad)  # type: ignore[arg-type]
+    assert CannonSettings().n_regions(3500) == 8 and CannonSettings(regions=1).n_regions(3500) == 1
     with pytest.raises(ConfigError):
         resolve_models("forest")
     with pytest.raises(ConfigError):

@@ -49,3 +49,21 @@ def test_baseline_cli_unknown_element(work: Path) -> None:
         main, ["--workdir", str(work), "baseline", "--element", "QQ_FE", "--model", "cannon"]
     )
     assert r.exit_code == 1 and "QQ_FE" in r.output and "valid choices" in r.output
+
+
+def test_baseline_cli_cannon_settings_reach_the_model(work: Path) -> None:
+    from specabund.baselines import CannonModel, load_baseline
+    from specabund.config import read_toml
+
+    out = _invoke(
+        work, "--element", "MG_FE", "--model", "cannon", "--cannon-order", "2", "--cannon-regions", "1"
+    )
+    assert re.search(r"MG_FE +cannon: batches 1/1", out), out
+    model = load_baseline(work / "results", "MG_FE", "cannon")
+    assert isinstance(model, CannonModel) and model.order == 2 and model.prior
+    cfg = read_toml(work / "results" / "baseline" / "resolved_config.toml")
+    assert cfg["baseline"]["cannon_order"] == 2 and cfg["baseline"]["cannon_regions"] == 1
+    r = CliRunner().invoke(
+        main, ["--workdir", str(work), "baseline", "--model", "cannon", "--cannon-order", "5"]
+    )
+    assert r.exit_code == 2 and "cannon-order" in r.output

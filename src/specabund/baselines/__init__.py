@@ -1,8 +1,9 @@
-"""Baseline models for comparison with the CNN: XGBoost, LightGBM and a Cannon-style quadratic model.
+"""Baseline models for comparison with the CNN: XGBoost, LightGBM and a Cannon-style polynomial model.
 
 * :mod:`.boosting` - one gradient-boosted tree regressor per label on PCA-reduced (default) or raw spectra.
-* :mod:`.cannon` - per-pixel quadratic model in all labels, fitted by weighted least squares with intrinsic
-  scatter; labels inferred per spectrum by Levenberg-Marquardt.
+* :mod:`.cannon` - per-pixel polynomial model in all labels (the Cannon), fitted by weighted least squares
+  with intrinsic scatter and censoring; labels inferred per spectrum by Levenberg-Marquardt.
+* :mod:`.regional` - one Cannon per k-means region of the stellar parameters (the default Cannon baseline).
 * :mod:`.runner` - :func:`run_baseline`: resumable batch training with per-batch metrics and plots.
 * :mod:`.comparison` - the ``<out_root>/baseline/comparison.csv`` table shared with the CNN and its figure.
 """
@@ -21,9 +22,11 @@ from .comparison import (
     update_comparison,
 )
 from .features import PCAReducer, fill_bad_pixels
+from .regional import RegionalCannon, load_cannon
 from .runner import (
     BASE_MODELS,
     MODEL_CHOICES,
+    CannonSettings,
     batch_results_dir,
     cannon_label_names,
     label_column,
@@ -43,7 +46,9 @@ __all__ = [
     "BoostingConfig",
     "BoostingRegressor",
     "CannonModel",
+    "CannonSettings",
     "PCAReducer",
+    "RegionalCannon",
     "batch_results_dir",
     "cannon_label_names",
     "comparison_figure",
@@ -52,6 +57,7 @@ __all__ = [
     "fill_bad_pixels",
     "label_column",
     "load_baseline",
+    "load_cannon",
     "predict_baseline",
     "read_comparison",
     "resolve_models",

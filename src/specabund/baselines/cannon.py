@@ -33,6 +33,7 @@ batch training can resume.
 from __future__ import annotations
 
 import logging
+from itertools import combinations_with_replacement
 from pathlib import Path
 
 import numpy as np
@@ -125,35 +126,48 @@ def censoring_masks(
     return out
 
 
-def _pairs(n_labels: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(n_labels) for j in range(i, n_labels)]
+def _monomials(n_labels: int, order: int) -> list[tuple[int, ...]]:
+    """Label-index tuples of the non-constant monomials of degree 1..order, in design-column order."""
+    return [t for k in range(1, order + 1) for t in combinations_with_replacement(range(n_labels), k)]
 
 
-def design_matrix(labels: np.ndarray) -> np.ndarray:
-    """Quadratic design vectors ``[1, l_i, l_i l_j (i <= j)]`` of standardised labels, shape (N, D)."""
+def design_matrix(labels: np.ndarray, order: int = 2) -> np.ndarray:
+    """Polynomial design vectors of standardised labels, shape (N, D).
+
+    Columns are the constant, then every monomial of degree 1..``order`` (``order=2``:
+    ``[1, l_i, l_i l_j (i <= j)]``, the classic quadratic Cannon).
+    """
     lab = np.atleast_2d(np.asarray(labels, dtype=np.float64))
     n, L = lab.shape
-    cols = [np.ones(n), *(lab[:, i] for i in range(L))]
-    cols += [lab[:, i] * lab[:, j] for i, j in _pairs(L)]
+    cols = [np.ones(n)]
+    for t in _monomials(L, order):
+        c = lab[:, t[0]].copy()
+        for i in t[1:]:
+            c *= lab[:, i]
+        cols.append(c)
     return np.stack(cols, axis=1)
 
 
-def term_labels(n_labels: int) -> list[tuple[int, ...]]:
+def term_labels(n_labels: int, order: int = 2) -> list[tuple[int, ...]]:
     """Label indices each column of :func:`design_matrix` involves (``()`` for the constant)."""
-    return [(), *((i,) for i in range(n_labels)), *_pairs(n_labels)]
+    return [(), *_monomials(n_labels, order)]
 
 
-def design_jacobian(labels: np.ndarray) -> np.ndarray:
+def design_jacobian(labels: np.ndarray, order: int = 2) -> np.ndarray:
     """Derivative of :func:`design_matrix` with respect to the labels, shape (N, D, L)."""
     lab = np.atleast_2d(np.asarray(labels, dtype=np.float64))
     n, L = lab.shape
-    pairs = _pairs(L)
-    J = np.zeros((n, 1 + L + len(pairs), L))
-    for i in range(L):
-        J[:, 1 + i, i] = 1.0
-    for k, (i, j) in enumerate(pairs):
-        J[:, 1 + L + k, i] += lab[:, j]
-        J[:, 1 + L + k, j] += lab[:, i]
+    terms = _monomials(L, order)
+    J = np.zeros((n, 1 + len(terms), L))
+    for d, t in enumerate(terms, start=1):
+        for pos, i in enumerate(t):
+            if i in t[:pos]:
+                continue  # one derivative per distinct label: count * l_i^(count-1) * rest
+            rest = t[:pos] + t[pos + 1 :]
+            c = np.full(n, float(t.count(i)))
+            for j in rest:
+                c = c * lab[:, j]
+            J[:, d, i] = c
     return J
 
 
@@ -192,11 +206,16 @@ class CannonModel:
         ridge: float = 1e-8,
         bound_margin: float = 0.1,
         censor: dict[str, np.ndarray] | None = None,
+        order: int = 2,
+        prior: bool = False,
     ) -> None:
         if not label_names:
             raise SpecabundError("the Cannon needs at least one label")
         self.label_names = list(label_names)
         L = len(self.label_names)
+        if int(order) != order or not 1 <= order <= 4:
+            raise SpecabundError(f"Cannon polynomial order must be 1, 2, 3 or 4, got {order!r}")
+        self.order = int(order)
         self.label_mean = None if label_mean is None else np.asarray(label_mean, dtype=np.float64).reshape(L)
         self.label_scale = (
             None if label_scale is None else np.asarray(label_scale, dtype=np.float64).reshape(L)
@@ -207,6 +226,9 @@ class CannonModel:
         self.n_pixels: int | None = None
         self.n_train = 0
         self._acc: dict[str, np.ndarray] | None = None
+        self.prior = bool(prior)
+        self.prior_mean: np.ndarray | None = None
+        self.prior_precision: np.ndarray | None = None
         self.theta: np.ndarray | None = None
         self.s2: np.ndarray | None = None
         self.pixel_ok: np.ndarray | None = None
@@ -230,8 +252,7 @@ class CannonModel:
 
     @property
     def n_terms(self) -> int:
-        L = self.n_labels
-        return 1 + L + L * (L + 1) // 2
+        return 1 + len(_monomials(self.n_labels, self.order))
 
     def term_mask(self, n_pixels: int) -> np.ndarray:
         """Which design columns are fitted at each pixel under the censoring, bool (P, D)."""
@@ -241,10 +262,21 @@ class CannonModel:
                 raise DataMismatchError(f"censoring mask of {name!r} has {m.size} pixels, not {n_pixels}")
             allowed[:, self.label_names.index(name)] = m
         keep = np.ones((n_pixels, self.n_terms), dtype=bool)
-        for d, labs in enumerate(term_labels(self.n_labels)):
+        for d, labs in enumerate(term_labels(self.n_labels, self.order)):
             for i in labs:
                 keep[:, d] &= allowed[:, i]
         return keep
+
+    def _moment_index(self) -> np.ndarray:
+        """(D, D) index of each normal-equation entry ``x_i x_j`` among the monomials of degree <= 2 order.
+
+        The entries of ``A = sum w x x^T`` repeat (``l1 * l1l2 == l1l2 * l1``), so training accumulates only
+        the distinct weighted moments ``sum w m_u`` (for 4 labels: 210 instead of 630 sums per pixel for
+        a cubic model, 70 instead of 120 for a quadratic one) and :meth:`solve` scatters them into ``A``.
+        """
+        terms = term_labels(self.n_labels, self.order)
+        where = {t: u for u, t in enumerate(term_labels(self.n_labels, 2 * self.order))}
+        return np.array([[where[tuple(sorted(a + b))] for b in terms] for a in terms])
 
     def standardise(self, labels: np.ndarray) -> np.ndarray:
         if self.label_mean is None or self.label_scale is None:
@@ -292,15 +324,17 @@ class CannonModel:
         P = X.shape[1]
         G = len(self.s2_grid)
         D = self.n_terms
-        iu = np.triu_indices(D)
-        T = len(iu[0])
+        U = len(term_labels(self.n_labels, 2 * self.order))
         if self._acc is None:
             self.n_pixels = P
             self._acc = {
-                "A": np.zeros((G, P, T)),
+                "M": np.zeros((G, P, U)),
                 "b": np.zeros((G, P, D)),
                 "c": np.zeros((G, P)),
                 "lw": np.zeros((G, P)),
+                "zn": np.zeros(1),
+                "zs": np.zeros(self.n_labels),
+                "zz": np.zeros((self.n_labels, self.n_labels)),
             }
         acc = self._acc
         for s in range(0, len(X), chunk):
@@ -309,17 +343,22 @@ class CannonModel:
             good = np.isfinite(f) & np.isfinite(iv) & (iv > 0)
             iv = np.where(good, iv, 0.0)
             f = np.where(good, f, 0.0)
-            x = design_matrix(self.standardise(labels[s : s + chunk]))
-            xx = x[:, iu[0]] * x[:, iu[1]]
+            moments = design_matrix(self.standardise(labels[s : s + chunk]), 2 * self.order)
+            x = moments[:, :D]
             for g, s2 in enumerate(self.s2_grid):
                 w = iv / (1.0 + iv * s2)
-                acc["A"][g] += w.T @ xx
+                acc["M"][g] += w.T @ moments
                 acc["b"][g] += (w * f).T @ x
                 acc["c"][g] += np.sum(w * f * f, axis=0)
                 acc["lw"][g] += np.sum(np.log(np.where(good, w, 1.0)), axis=0)
         lo, hi = labels.min(axis=0), labels.max(axis=0)
         self.label_min = lo if self.label_min is None else np.minimum(self.label_min, lo)
         self.label_max = hi if self.label_max is None else np.maximum(self.label_max, hi)
+        if "zn" in acc:  # sums of the standardised labels, for the prior
+            z = self.standardise(labels)
+            acc["zn"] += len(z)
+            acc["zs"] += z.sum(axis=0)
+            acc["zz"] += z.T @ z
         self.n_train += len(X)
         return self
 
@@ -328,9 +367,10 @@ class CannonModel:
         if self._acc is None:
             raise SpecabundError("no training spectra accumulated")
         acc = self._acc
-        G, P, _ = acc["A"].shape
+        G, P, _ = acc["M"].shape
         D = self.n_terms
         iu = np.triu_indices(D)
+        to_moment = self._moment_index()[iu]
         best_obj = np.full(P, np.inf)
         theta = np.zeros((P, D))
         theta[:, 0] = 1.0
@@ -339,8 +379,8 @@ class CannonModel:
         censored = not keep.all()
         for g in range(G):
             A = np.zeros((P, D, D))
-            A[:, iu[0], iu[1]] = acc["A"][g]
-            A[:, iu[1], iu[0]] = acc["A"][g]
+            A[:, iu[0], iu[1]] = acc["M"][g][:, to_moment]
+            A[:, iu[1], iu[0]] = A[:, iu[0], iu[1]]
             b = acc["b"][g]
             if censored:  # censored columns leave the pixel's system (identity rows, zero coefficients)
                 A *= keep[:, :, None] & keep[:, None, :]
@@ -362,6 +402,11 @@ class CannonModel:
             theta[better] = th[better]
             s2[better] = self.s2_grid[g]
         self.pixel_ok = np.isfinite(s2)
+        if "zn" in acc and acc["zn"][0] > 1:  # Gaussian prior of the training labels (standardised)
+            mu = acc["zs"] / acc["zn"][0]
+            cov = acc["zz"] / acc["zn"][0] - np.outer(mu, mu)
+            cov += 1e-6 * np.eye(self.n_labels)
+            self.prior_mean, self.prior_precision = mu, np.linalg.inv(cov)
         self.theta = theta
         self.s2 = np.where(self.pixel_ok, s2, 0.0)
         if self.n_train <= self.n_terms:
@@ -386,10 +431,18 @@ class CannonModel:
         w = iv / (1.0 + iv * self.s2[None, :])
         return np.where(good, f, 0.0), w
 
+    def _use_prior(self) -> bool:
+        return self.prior and self.prior_mean is not None and self.prior_precision is not None
+
     def _chi2(self, z: np.ndarray, f: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The objective: chi2 of the spectrum, plus the prior's ``(z - mu)^T P (z - mu)`` when used."""
         assert self.theta is not None
-        r = f - design_matrix(z) @ self.theta.T
-        return np.sum(w * r * r, axis=1)
+        r = f - design_matrix(z, self.order) @ self.theta.T
+        chi = np.sum(w * r * r, axis=1)
+        if self._use_prior():
+            dz = z - self.prior_mean
+            chi = chi + np.einsum("ni,ij,nj->n", dz, self.prior_precision, dz)
+        return chi
 
     def _linear_start(self, f: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Labels from a weighted linear fit of all design coefficients (quadratic terms free)."""
@@ -425,11 +478,14 @@ class CannonModel:
             if idx.size == 0:
                 break
             za = z[idx]
-            r = f[idx] - design_matrix(za) @ th.T
-            J = np.matmul(th[None], design_jacobian(za))  # (n, P, L): d model / d z
+            r = f[idx] - design_matrix(za, self.order) @ th.T
+            J = np.matmul(th[None], design_jacobian(za, self.order))  # (n, P, L): d model / d z
             Jw = J * w[idx][..., None]
             H = np.matmul(Jw.transpose(0, 2, 1), J)
             g = np.einsum("npl,np->nl", Jw, r)
+            if self._use_prior():
+                H = H + self.prior_precision
+                g = g - (za - self.prior_mean) @ self.prior_precision
             Hd = H + lam[idx, None, None] * (
                 np.einsum("nii->ni", H)[:, :, None] * np.eye(L) + 1e-12 * np.eye(L)
             )
@@ -487,19 +543,24 @@ class CannonModel:
         """Model spectra for physical labels (N, L), shape (N, P)."""
         if self.theta is None:
             raise SpecabundError("Cannon model is not trained")
-        return design_matrix(self.standardise(labels)) @ self.theta.T
+        return design_matrix(self.standardise(labels), self.order) @ self.theta.T
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path, include_accumulators: bool = False) -> None:
-        """Write the model to one npz atomically (with the normal equations when asked, for resuming)."""
+    def to_arrays(self, include_accumulators: bool = False) -> dict[str, np.ndarray]:
+        """The model as plain arrays (what :meth:`save` writes; :meth:`from_arrays` reads them back)."""
         if self.theta is None or self.label_mean is None or self.label_scale is None:
             raise SpecabundError("Cannon model is not trained")
         arrays: dict[str, np.ndarray] = {
+            "kind": np.asarray("cannon"),
             "label_names": np.asarray(self.label_names, dtype=str),
             "label_mean": self.label_mean,
             "label_scale": self.label_scale,
             "s2_grid": self.s2_grid,
             "ridge": np.asarray(self.ridge),
+            "order": np.asarray(self.order),
+            "prior": np.asarray(self.prior),
+            "prior_mean": self.prior_mean if self.prior_mean is not None else np.zeros(0),
+            "prior_precision": self.prior_precision if self.prior_precision is not None else np.zeros(0),
             "bound_margin": np.asarray(self.bound_margin),
             "label_min": self.label_min if self.label_min is not None else np.zeros(0),
             "label_max": self.label_max if self.label_max is not None else np.zeros(0),
@@ -516,16 +577,15 @@ class CannonModel:
         }
         if include_accumulators and self._acc is not None:
             arrays.update({f"acc_{k}": v for k, v in self._acc.items()})
-        atomic_savez(path, **arrays)
+        return arrays
+
+    def save(self, path: str | Path, include_accumulators: bool = False) -> None:
+        """Write the model to one npz atomically (with the normal equations when asked, for resuming)."""
+        atomic_savez(path, **self.to_arrays(include_accumulators))
 
     @classmethod
-    def load(cls, path: str | Path) -> CannonModel:
-        """Read a model written by :meth:`save` (``allow_pickle=False``)."""
-        path = Path(path)
-        if not path.exists():
-            raise SpecabundError(f"{path}: Cannon model file not found")
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
+    def from_arrays(cls, d: dict[str, np.ndarray]) -> CannonModel:
+        """Rebuild a model from :meth:`to_arrays` output."""
         model = cls(
             [str(s) for s in d["label_names"].tolist()],
             d["label_mean"],
@@ -540,7 +600,11 @@ class CannonModel:
                     strict=True,
                 )
             ),
+            order=int(d["order"]) if "order" in d else 2,
+            prior=bool(d["prior"]) if "prior" in d else False,
         )
+        if "prior_mean" in d and d["prior_mean"].size:
+            model.prior_mean, model.prior_precision = d["prior_mean"], d["prior_precision"]
         if d["label_min"].size:
             model.label_min, model.label_max = d["label_min"], d["label_max"]
         model.s2_grid = d["s2_grid"]
@@ -549,6 +613,40 @@ class CannonModel:
         model.s2 = d["s2"]
         model.pixel_ok = d["pixel_ok"]
         model.n_pixels = int(d["theta"].shape[0])
-        if "acc_A" in d:
-            model._acc = {k: d[f"acc_{k}"] for k in ("A", "b", "c", "lw")}
+        model._acc = accumulators_from_arrays(model, d)
         return model
+
+    @classmethod
+    def load(cls, path: str | Path) -> CannonModel:
+        """Read a model written by :meth:`save` (``allow_pickle=False``)."""
+        d = read_npz(path)
+        kind = str(d["kind"]) if "kind" in d else "cannon"
+        if kind != "cannon":
+            raise SpecabundError(f"{path}: holds a {kind!r} Cannon, not a single one; use load_cannon")
+        return cls.from_arrays(d)
+
+
+def accumulators_from_arrays(model: CannonModel, d: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The saved normal-equation sums of ``model`` (None when the file has none).
+
+    Files from specabund <= 0.1 hold the full upper triangle ``acc_A`` instead of the distinct moments
+    ``acc_M``; every moment is one of its entries, so they are converted.
+    """
+    prior = {k: d[f"acc_{k}"] for k in ("zn", "zs", "zz") if f"acc_{k}" in d}  # absent before 0.2
+    if "acc_M" in d:
+        return {**{k: d[f"acc_{k}"] for k in ("M", "b", "c", "lw")}, **prior}
+    if "acc_A" not in d:
+        return None
+    idx = model._moment_index()[np.triu_indices(model.n_terms)]
+    U = len(term_labels(model.n_labels, 2 * model.order))
+    first = np.array([int(np.flatnonzero(idx == u)[0]) for u in range(U)])
+    return {"M": d["acc_A"][..., first], **{k: d[f"acc_{k}"] for k in ("b", "c", "lw")}, **prior}
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """All arrays of a Cannon ``.npz`` (``allow_pickle=False``), with a clear error for a missing file."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecabundError(f"{path}: Cannon model file not found")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

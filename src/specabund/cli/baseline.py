@@ -52,6 +52,19 @@ main.commands.pop("baseline", None)
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
 @click.option("--seed", type=int, default=None)
+@click.option(
+    "--cannon-order",
+    type=click.IntRange(1, 4),
+    default=None,
+    help="Polynomial order of the Cannon models [config: 3].",
+)
+@click.option(
+    "--cannon-regions",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Cannon models per region of Teff/logg/[Fe/H] (0: one per 400 training spectra, max 8; "
+    "1: one global model) [config: 0].",
+)
 @config_option()
 @click.pass_context
 def baseline_cmd(
@@ -65,6 +78,8 @@ def baseline_cmd(
     n_threads: int | None,
     device: str | None,
     seed: int | None,
+    cannon_order: int | None,
+    cannon_regions: int | None,
     config_file: Path | None,
 ) -> None:
     """Baselines on the same train/val/test split as the CNN, compared in results/baseline/.
@@ -75,8 +90,9 @@ def baseline_cmd(
       specabund baseline --element C_FE --model both --batch-size 1000 --batches-per-round 2
       specabund baseline --element C_FE --model both --show-batch-results
       specabund baseline --element MG_FE --model all
+      specabund baseline --element MG_FE --model cannon --cannon-order 2 --cannon-regions 1
     """
-    from ..baselines.runner import run_baseline
+    from ..baselines.runner import CannonSettings, run_baseline
     from ..baselines.runner import show_batch_results as batch_table
     from ..config import load_config, save_config
     from ..dataset import load_dataset
@@ -110,9 +126,19 @@ def baseline_cmd(
             "baseline.n_threads": n_threads,
             "baseline.device": device,
             "data.seed": seed,
+            "baseline.cannon_order": cannon_order,
+            "baseline.cannon_regions": cannon_regions,
         },
     )
     b = cfg["baseline"]
+    half_width = float(b["cannon_censor_half_width"])
+    cannon = CannonSettings(
+        order=b["cannon_order"],
+        regions=b["cannon_regions"],
+        overlap=b["cannon_overlap"],
+        censor_half_width=half_width if half_width >= 0 else None,
+        prior=b["cannon_prior"],
+    )
     ds = load_dataset(data_path)
     if not ((ds.split == 0).any() and (ds.split == 1).any() and (ds.split == 2).any()):
         raise SpecabundError(
@@ -137,6 +163,7 @@ def baseline_cmd(
             device=b["device"],
             seed=cfg["data"]["seed"],
             snr_bins=snr_bins,
+            cannon=cannon,
         )
         for model, r in res.items():
             t = r["test"]["all"]
