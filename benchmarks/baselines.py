@@ -6,8 +6,9 @@ train/val/test split. For every element it fits, with the defaults of ``specabun
 
 * XGBoost and LightGBM on 64 PCA components (``--compare-features`` adds raw pixels), early stopping on
   the validation split;
-* the Cannon: regional cubic models with censoring and the training-label prior (``CannonSettings()``),
-  and, for reference, the classic global quadratic Cannon (maximum likelihood, censored).
+* the Cannon: regional cubic models with censoring, the training-label prior and the continuum correction
+  (``CannonSettings()``), and, for reference, the classic global quadratic Cannon (maximum likelihood,
+  censored, no continuum correction).
 
 The CNN row comes from the model that ``benchmarks/train.py`` left in the cache (same N and seed): its
 test RMSE and inference speed on the same test split. Without it, the CNN row says how to make it.
@@ -56,12 +57,13 @@ def cannon_models(ds: Dataset, element: str, train: np.ndarray) -> list[tuple[st
     k = s.n_regions(len(lab))
     regional: CannonModel | RegionalCannon = RegionalCannon(
         names, mean, sd, n_regions=k, order=s.order, overlap=s.overlap, scatter_grid=s.grid(k),
-        censor=cen, prior=s.prior,
+        censor=cen, prior=s.prior, continuum_terms=s.continuum_terms(ds.n_pixels),
     )  # fmt: skip
     if k == 1:  # as the runner: one region is a single model
         regional = CannonModel(
-            names, mean, sd, scatter_grid=s.grid(1), censor=cen, order=s.order, prior=s.prior
-        )
+            names, mean, sd, scatter_grid=s.grid(1), censor=cen, order=s.order, prior=s.prior,
+            continuum_terms=s.continuum_terms(ds.n_pixels),
+        )  # fmt: skip
     classic = CannonModel(names, mean, sd, censor=cen, order=2)
     return [(f"cannon-regional{k}", regional, names), ("cannon-classic", classic, names)]
 

@@ -1,21 +1,29 @@
-"""A Cannon-style data-driven model: per-pixel quadratic polynomial in the labels.
+"""A Cannon-style data-driven model: per-pixel polynomial in the labels.
 
 For every pixel ``p`` the normalised flux is modelled as ``f_p = theta_p . x(l) + noise`` where ``l`` are the
-standardised labels (``(label - mean) / scale``) and ``x(l) = [1, l_i, l_i l_j (i <= j)]``. The noise
+standardised labels (``(label - mean) / scale``) and ``x(l)`` holds every monomial of the labels up to
+``order`` (``order=2``, the classic Cannon: ``x(l) = [1, l_i, l_i l_j (i <= j)]``). The noise
 variance is ``1/ivar + s_p^2`` with a per-pixel intrinsic scatter ``s_p^2``.
 
 Training is a weighted least-squares fit per pixel, with weights ``w = ivar / (1 + ivar s^2)``. The scatter
 is chosen per pixel by a 1-D search over a fixed grid of ``s^2`` values that maximises the Gaussian
 likelihood (``sum w (f - theta.x)^2 - sum ln w`` at the weighted least-squares solution). For every grid
-value the normal equations ``A = sum w x x^T``, ``b = sum w f x`` and the two likelihood sums are accumulated
-spectrum by spectrum, so the model can be trained batch by batch (:meth:`CannonModel.partial_fit`) and
-the result is exactly that of one fit over all spectra (given fixed label standardisation). All work is
+value the normal equations ``A = sum w x x^T`` (as its distinct moments ``sum w m`` over the monomials
+``m`` up to ``2 order``), ``b = sum w f x`` and the two likelihood sums are accumulated spectrum by
+spectrum, so the model can be trained batch by batch (:meth:`CannonModel.partial_fit`) and the result is
+exactly that of one fit over all spectra (given fixed label standardisation). All work is
 vectorised across pixels with matrix products.
 
 Inference (the test step) minimises ``chi2 = sum_p w_p (f_p - theta_p . x(l))^2`` over ``l`` for every
 spectrum with a Levenberg-Marquardt iteration vectorised over spectra, started from the training mean
 (``l = 0``) and from a linearised estimate; the lower chi2 wins. Labels are bounded to the training
-range widened by 10 % on each side.
+range widened by 10 % on each side. Two options extend the classic inference:
+
+* ``prior=True`` adds ``(l - mu)^T P (l - mu)`` to the chi2: a Gaussian prior with the mean and inverse
+  covariance of the training labels (accumulated with the normal equations, so still exact in batches);
+* ``continuum_terms=C`` multiplies the model by ``1 + B c`` with ``C`` cubic B-splines ``B`` over the
+  pixels (:func:`continuum_basis`) and fits ``c`` with the labels, so that the smooth continuum errors
+  of each spectrum's normalisation are not read as labels.
 
 Censoring (Casey et al. 2016, "The Cannon 2"; Ho et al. 2017): with ``censor={label: mask}`` the
 coefficients of every term that involves ``label`` (its linear term, its square and its cross terms) are
@@ -208,6 +216,7 @@ class CannonModel:
         censor: dict[str, np.ndarray] | None = None,
         order: int = 2,
         prior: bool = False,
+        continuum_terms: int = 0,
     ) -> None:
         if not label_names:
             raise SpecabundError("the Cannon needs at least one label")
@@ -227,6 +236,10 @@ class CannonModel:
         self.n_train = 0
         self._acc: dict[str, np.ndarray] | None = None
         self.prior = bool(prior)
+        if continuum_terms and continuum_terms < 4:
+            raise SpecabundError(f"continuum_terms must be 0 (off) or >= 4, got {continuum_terms!r}")
+        self.continuum_terms = int(continuum_terms)
+        self._basis_cache: np.ndarray | None = None
         self.prior_mean: np.ndarray | None = None
         self.prior_precision: np.ndarray | None = None
         self.theta: np.ndarray | None = None
@@ -434,13 +447,30 @@ class CannonModel:
     def _use_prior(self) -> bool:
         return self.prior and self.prior_mean is not None and self.prior_precision is not None
 
-    def _chi2(self, z: np.ndarray, f: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """The objective: chi2 of the spectrum, plus the prior's ``(z - mu)^T P (z - mu)`` when used."""
+    def _basis(self) -> np.ndarray | None:
+        """The continuum-correction basis (P, C), or None without continuum terms."""
+        if not self.continuum_terms or self.n_pixels is None:
+            return None
+        if self._basis_cache is None or self._basis_cache.shape[0] != self.n_pixels:
+            self._basis_cache = continuum_basis(self.n_pixels, self.continuum_terms)
+        return self._basis_cache
+
+    def _model(self, q: np.ndarray) -> np.ndarray:
+        """Model flux for parameters ``q = [z, c]``: ``theta . x(z) * (1 + B c)``, shape (N, P)."""
         assert self.theta is not None
-        r = f - design_matrix(z, self.order) @ self.theta.T
+        L = self.n_labels
+        m = design_matrix(q[:, :L], self.order) @ self.theta.T
+        B = self._basis()
+        if B is not None:
+            m = m * (1.0 + q[:, L:] @ B.T)
+        return m
+
+    def _chi2(self, q: np.ndarray, f: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The objective: chi2 of the spectrum, plus the prior's ``(z - mu)^T P (z - mu)`` when used."""
+        r = f - self._model(q)
         chi = np.sum(w * r * r, axis=1)
         if self._use_prior():
-            dz = z - self.prior_mean
+            dz = q[:, : self.n_labels] - self.prior_mean
             chi = chi + np.einsum("ni,ij,nj->n", dz, self.prior_precision, dz)
         return chi
 
@@ -465,41 +495,65 @@ class CannonModel:
     def _levenberg_marquardt(
         self, z: np.ndarray, f: np.ndarray, w: np.ndarray, max_iter: int, tol: float
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Minimise :meth:`_chi2` from standardised labels ``z`` (N, L); returns the labels and objective.
+
+        With continuum terms the parameters are ``[z, c]``: the continuum coefficients start at 0 and
+        are free (the labels stay inside :meth:`_bounds`).
+        """
         th = self.theta
         assert th is not None
         L = self.n_labels
+        B = self._basis()
+        nb = 0 if B is None else B.shape[1]
         zlo, zhi = self._bounds()
-        z = np.clip(z, zlo, zhi)
-        chi = self._chi2(z, f, w)
-        lam = np.full(len(z), 1e-3)
-        active = np.ones(len(z), dtype=bool)
+        qlo = np.concatenate([zlo, np.full(nb, -np.inf)])
+        qhi = np.concatenate([zhi, np.full(nb, np.inf)])
+        q = np.clip(np.concatenate([z, np.zeros((len(z), nb))], axis=1), qlo, qhi)
+        n_par = L + nb
+        chi = self._chi2(q, f, w)
+        lam = np.full(len(q), 1e-3)
+        active = np.ones(len(q), dtype=bool)
+        eye = np.eye(n_par)
         for _ in range(max_iter):
             idx = np.flatnonzero(active)
             if idx.size == 0:
                 break
-            za = z[idx]
-            r = f[idx] - design_matrix(za, self.order) @ th.T
+            qa = q[idx]
+            za = qa[:, :L]
+            m0 = design_matrix(za, self.order) @ th.T
             J = np.matmul(th[None], design_jacobian(za, self.order))  # (n, P, L): d model / d z
-            Jw = J * w[idx][..., None]
-            H = np.matmul(Jw.transpose(0, 2, 1), J)
-            g = np.einsum("npl,np->nl", Jw, r)
+            wa = w[idx]
+            if B is None:
+                r = f[idx] - m0
+                Jw = J * wa[..., None]
+                H = np.matmul(Jw.transpose(0, 2, 1), J)
+                g = np.einsum("npl,np->nl", Jw, r)
+            else:  # d model / d c = m0 * B: blocks built without an (n, P, C) array
+                scale = 1.0 + qa[:, L:] @ B.T
+                J = J * scale[..., None]
+                r = f[idx] - m0 * scale
+                Jw = J * wa[..., None]
+                H = np.zeros((len(idx), n_par, n_par))
+                H[:, :L, :L] = np.matmul(Jw.transpose(0, 2, 1), J)
+                H[:, :L, L:] = np.matmul(Jw.transpose(0, 2, 1) * m0[:, None, :], B)
+                H[:, L:, :L] = H[:, :L, L:].transpose(0, 2, 1)
+                H[:, L:, L:] = banded_gram(B, wa * m0 * m0)
+                g = np.concatenate([np.einsum("npl,np->nl", Jw, r), (wa * m0 * r) @ B], axis=1)
             if self._use_prior():
-                H = H + self.prior_precision
-                g = g - (za - self.prior_mean) @ self.prior_precision
-            Hd = H + lam[idx, None, None] * (
-                np.einsum("nii->ni", H)[:, :, None] * np.eye(L) + 1e-12 * np.eye(L)
-            )
+                H[:, :L, :L] += self.prior_precision
+                g[:, :L] -= (za - self.prior_mean) @ self.prior_precision
+            Hd = H + lam[idx, None, None] * (np.einsum("nii->ni", H)[:, :, None] * eye + 1e-12 * eye)
             step = np.linalg.solve(Hd, g[..., None])[..., 0]
-            zt = np.clip(za + step, zlo, zhi)
-            ct = self._chi2(zt, f[idx], w[idx])
+            qt = np.clip(qa + step, qlo, qhi)
+            ct = self._chi2(qt, f[idx], w[idx])
             accept = ct < chi[idx]
-            z[idx[accept]] = zt[accept]
+            q[idx[accept]] = qt[accept]
             small = np.max(np.abs(step), axis=1) < tol
             chi[idx[accept]] = ct[accept]
             lam[idx] = np.where(accept, lam[idx] / 10.0, lam[idx] * 10.0)
             lam = np.clip(lam, 1e-9, 1e9)
             active[idx[(accept & small) | (lam[idx] >= 1e9)]] = False
-        return z, chi
+        return q[:, :L], chi
 
     def predict(
         self, X: np.ndarray, ivar: np.ndarray, chunk: int = 256, max_iter: int = 60, tol: float = 1e-6
@@ -559,6 +613,7 @@ class CannonModel:
             "ridge": np.asarray(self.ridge),
             "order": np.asarray(self.order),
             "prior": np.asarray(self.prior),
+            "continuum_terms": np.asarray(self.continuum_terms),
             "prior_mean": self.prior_mean if self.prior_mean is not None else np.zeros(0),
             "prior_precision": self.prior_precision if self.prior_precision is not None else np.zeros(0),
             "bound_margin": np.asarray(self.bound_margin),
@@ -602,6 +657,7 @@ class CannonModel:
             ),
             order=int(d["order"]) if "order" in d else 2,
             prior=bool(d["prior"]) if "prior" in d else False,
+            continuum_terms=int(d["continuum_terms"]) if "continuum_terms" in d else 0,
         )
         if "prior_mean" in d and d["prior_mean"].size:
             model.prior_mean, model.prior_precision = d["prior_mean"], d["prior_precision"]
@@ -641,6 +697,44 @@ def accumulators_from_arrays(model: CannonModel, d: dict[str, np.ndarray]) -> di
     U = len(term_labels(model.n_labels, 2 * model.order))
     first = np.array([int(np.flatnonzero(idx == u)[0]) for u in range(U)])
     return {"M": d["acc_A"][..., first], **{k: d[f"acc_{k}"] for k in ("b", "c", "lw")}, **prior}
+
+
+def continuum_basis(n_pixels: int, n_terms: int) -> np.ndarray:
+    """Cubic B-splines with equally spaced knots over the pixel index, shape (n_pixels, n_terms).
+
+    The basis of the smooth multiplicative continuum correction ``1 + B c`` that the inference fits
+    with the labels when ``continuum_terms`` is set; the splines sum to one at every pixel.
+    """
+    from scipy.interpolate import BSpline
+
+    if n_terms < 4:
+        raise SpecabundError(f"a cubic B-spline basis needs >= 4 terms, got {n_terms}")
+    inner = np.linspace(0.0, 1.0, n_terms - 2)[1:-1]
+    t = np.concatenate([np.zeros(4), inner, np.ones(4)])
+    x = np.linspace(0.0, 1.0, n_pixels)
+    return BSpline.design_matrix(x, t, 3).toarray()
+
+
+def banded_gram(B: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``B^T diag(v_n) B`` for every row ``v_n`` of ``v`` (N, P), shape (N, C, C), for a B-spline basis.
+
+    Each pixel has at most 4 non-zero cubic B-splines with consecutive indices, so the products are
+    summed per run of pixels sharing their first spline (``np.add.reduceat``) instead of a dense
+    (N, P, C) x (P, C) product.
+    """
+    P, C = B.shape
+    j0 = np.minimum(np.argmax(B > 0, axis=1), C - 4)
+    vals = np.stack([B[np.arange(P), j0 + a] for a in range(4)], axis=1)
+    starts = np.flatnonzero(np.diff(j0, prepend=-1))
+    seg = j0[starts]
+    out = np.zeros((v.shape[0], C, C))
+    for a in range(4):
+        for b in range(a, 4):
+            part = np.add.reduceat(v * (vals[:, a] * vals[:, b])[None, :], starts, axis=1)
+            out[:, seg + a, seg + b] += part
+            if a != b:
+                out[:, seg + b, seg + a] += part
+    return out
 
 
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:

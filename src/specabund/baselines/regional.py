@@ -75,6 +75,9 @@ class RegionalCannon:
         Regions with fewer training spectra are not used (default: twice the coefficients per pixel).
     seed : int
         Seed of the k-means initialisation.
+    continuum_terms : int
+        Fit a smooth multiplicative continuum correction (this many cubic B-splines) with the labels of
+        every spectrum (0: off); see :class:`~specabund.baselines.cannon.CannonModel`.
     prior : bool
         Infer labels as the maximum of the posterior with a Gaussian prior: the mean and covariance of the
         whole training label set (the same prior for every region). Off: maximum likelihood.
@@ -100,6 +103,7 @@ class RegionalCannon:
         min_train: int | None = None,
         seed: int = 0,
         prior: bool = False,
+        continuum_terms: int = 0,
     ) -> None:
         if n_regions < 1:
             raise SpecabundError(f"n_regions must be >= 1, got {n_regions}")
@@ -123,6 +127,7 @@ class RegionalCannon:
         self.censor = {k: np.asarray(v, dtype=bool).copy() for k, v in (censor or {}).items()}
         self.seed = int(seed)
         self.prior = bool(prior)
+        self.continuum_terms = int(continuum_terms)
         self.label_mean = None if label_mean is None else np.asarray(label_mean, dtype=np.float64)
         self.label_scale = None if label_scale is None else np.asarray(label_scale, dtype=np.float64)
         self.centroids: np.ndarray | None = None
@@ -143,6 +148,7 @@ class RegionalCannon:
             censor=self.censor,
             order=order,
             prior=self.prior,
+            continuum_terms=self.continuum_terms,
         )
 
     # ------------------------------------------------------------------ regions
@@ -325,6 +331,7 @@ class RegionalCannon:
                     self.min_train,
                     self.seed,
                     self.prior,
+                    self.continuum_terms,
                 ]
             ),
             "scatter_grid": np.asarray(self.scatter_grid),
@@ -357,7 +364,9 @@ class RegionalCannon:
 
     @classmethod
     def from_arrays(cls, d: dict[str, np.ndarray]) -> RegionalCannon:
-        n_regions, order, finder_order, overlap, min_train, seed, prior = (int(v) for v in d["settings"])
+        n_regions, order, finder_order, overlap, min_train, seed, prior, cont = (
+            int(v) for v in d["settings"]
+        )
         model = cls(
             [str(s) for s in d["label_names"].tolist()],
             d["label_mean"],
@@ -374,6 +383,7 @@ class RegionalCannon:
             min_train=min_train,
             seed=seed,
             prior=bool(prior),
+            continuum_terms=cont,
         )
         model.centroids = d["centroids"]
         model.usable = d["usable"].astype(bool)

@@ -138,6 +138,7 @@ def baseline_cmd(
         overlap=b["cannon_overlap"],
         censor_half_width=half_width if half_width >= 0 else None,
         prior=b["cannon_prior"],
+        continuum_pixels=b["cannon_continuum_pixels"],
     )
     ds = load_dataset(data_path)
     if not ((ds.split == 0).any() and (ds.split == 1).any() and (ds.split == 2).any()):
