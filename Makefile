@@ -33,7 +33,7 @@ demo: venv
 		--elements C_FE MG_FE CA_FE --epochs $(DEMO_EPOCHS) --run-name demo --overwrite --device auto
 	$(BIN)/specabund --workdir $(DEMO_DIR) test --model demo --data-path processed_data/test_dataset.npz \
 		--truth sim/truth.csv
-	$(BIN)/specabund --workdir $(DEMO_DIR) baseline --element MG_FE --model both
+	$(BIN)/specabund --workdir $(DEMO_DIR) baseline --element MG_FE --model all
 	$(BIN)/specabund --workdir $(DEMO_DIR) predict --calibrate --model demo \
 		--data-path processed_data/val_dataset.npz --output-dir results/calibration
 	$(BIN)/specabund --workdir $(DEMO_DIR) predict --model demo --data-path processed_data/prediction_dataset.npz \

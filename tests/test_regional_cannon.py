@@ -222,3 +222,22 @@ def test_continuum_terms_absorb_smooth_continuum_errors() -> None:
     assert np.all(err[0, "tilted"][j] > 1.25 * err[0, "clean"][j]), err
     assert np.all(err[16, "tilted"][j] < 1.05 * err[16, "clean"][j]), err
     assert np.all(err[16, "clean"][j] < 1.2 * err[0, "clean"][j]), err
+
+
+def test_fit_parameters_warm_start(toy: tuple[np.ndarray, ...]) -> None:
+    X, iv, lab = toy
+    m = CannonModel(NAMES, order=3, continuum_terms=6).fit(X[:1000], iv[:1000], lab[:1000])
+    q, obj = m.fit_parameters(X[1000:1100], iv[1000:1100])
+    assert q.shape == (100, m.n_parameters) == (100, 4 + 6) and np.all(np.isfinite(obj))
+    np.testing.assert_array_equal(m.unstandardise(q[:, :4]), m.predict(X[1000:1100], iv[1000:1100]))
+    # started at its own optimum, the fit stays there
+    q2, obj2 = m.fit_parameters(X[1000:1100], iv[1000:1100], start=q)
+    assert np.all(obj2 <= obj + 1e-9 * np.abs(obj))
+    # the labels the toy lines constrain stay put (logg is nearly free in the toy and may creep)
+    np.testing.assert_allclose(q2[:, [0, 2, 3]], q[:, [0, 2, 3]], atol=0.03)
+    with pytest.raises(DataMismatchError, match="start shape"):
+        m.fit_parameters(X[:5], iv[:5], start=q[:5, :4])
+    dead = iv[1000:1003].copy()
+    dead[1] = 0.0  # no usable pixel: a NaN row, the others unaffected
+    q3, _ = m.fit_parameters(X[1000:1003], dead)
+    assert np.all(np.isnan(q3[1])) and np.all(np.isfinite(q3[[0, 2]]))

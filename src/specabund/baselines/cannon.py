@@ -495,10 +495,10 @@ class CannonModel:
     def _levenberg_marquardt(
         self, z: np.ndarray, f: np.ndarray, w: np.ndarray, max_iter: int, tol: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Minimise :meth:`_chi2` from standardised labels ``z`` (N, L); returns the labels and objective.
+        """Minimise :meth:`_chi2` from ``z``; returns the parameters ``[z, c]`` (N, L + C) and objective.
 
-        With continuum terms the parameters are ``[z, c]``: the continuum coefficients start at 0 and
-        are free (the labels stay inside :meth:`_bounds`).
+        ``z`` holds standardised labels (N, L), whose continuum coefficients then start at 0, or full
+        parameters (N, L + C). The continuum coefficients are free; the labels stay inside :meth:`_bounds`.
         """
         th = self.theta
         assert th is not None
@@ -508,7 +508,9 @@ class CannonModel:
         zlo, zhi = self._bounds()
         qlo = np.concatenate([zlo, np.full(nb, -np.inf)])
         qhi = np.concatenate([zhi, np.full(nb, np.inf)])
-        q = np.clip(np.concatenate([z, np.zeros((len(z), nb))], axis=1), qlo, qhi)
+        if z.shape[1] == L:  # labels only: the continuum coefficients start at 0
+            z = np.concatenate([z, np.zeros((len(z), nb))], axis=1)
+        q = np.clip(z, qlo, qhi)
         n_par = L + nb
         chi = self._chi2(q, f, w)
         lam = np.full(len(q), 1e-3)
@@ -553,7 +555,60 @@ class CannonModel:
             lam[idx] = np.where(accept, lam[idx] / 10.0, lam[idx] * 10.0)
             lam = np.clip(lam, 1e-9, 1e9)
             active[idx[(accept & small) | (lam[idx] >= 1e9)]] = False
-        return q[:, :L], chi
+        return q, chi
+
+    @property
+    def n_parameters(self) -> int:
+        """Parameters fitted per spectrum: the labels plus the continuum coefficients."""
+        return self.n_labels + self.continuum_terms
+
+    def fit_parameters(
+        self,
+        X: np.ndarray,
+        ivar: np.ndarray,
+        start: np.ndarray | None = None,
+        chunk: int = 256,
+        max_iter: int = 60,
+        tol: float = 1e-6,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best parameters ``[z, c]`` (standardised labels, continuum coefficients) and objective per row.
+
+        Without ``start`` the fit runs from the training mean and from a linearised estimate and keeps
+        the better; with ``start`` (N, :attr:`n_parameters`, e.g. another model's solution on the same
+        standardisation) it runs once from there. Spectra without any usable pixel get NaN rows.
+        """
+        if self.theta is None:
+            raise SpecabundError("Cannon model is not trained (call fit or solve)")
+        X = np.atleast_2d(X)
+        ivar = np.atleast_2d(ivar)
+        if X.shape[1] != self.n_pixels or ivar.shape != X.shape:
+            raise DataMismatchError(f"spectra shape {X.shape}/{ivar.shape}, model has {self.n_pixels} pixels")
+        if start is not None and np.shape(start) != (len(X), self.n_parameters):
+            raise DataMismatchError(f"start shape {np.shape(start)} != ({len(X)}, {self.n_parameters})")
+        out = np.full((len(X), self.n_parameters), np.nan)
+        obj = np.full(len(X), np.nan)
+        for s in range(0, len(X), chunk):
+            f, w = self._weights(X[s : s + chunk], ivar[s : s + chunk])
+            has = (w.sum(axis=1) > 0) & (
+                True if start is None else np.all(np.isfinite(start[s : s + chunk]), axis=1)
+            )
+            if not has.any():
+                continue
+            f, w = f[has], w[has]
+            n = len(f)
+            if start is not None:
+                q, chi = self._levenberg_marquardt(start[s : s + chunk][has], f, w, max_iter, tol)
+            else:
+                starts = np.concatenate([np.zeros((n, self.n_labels)), self._linear_start(f, w)])
+                q2, chi2 = self._levenberg_marquardt(
+                    starts, np.concatenate([f, f]), np.concatenate([w, w]), max_iter, tol
+                )
+                pick = chi2[n:] < chi2[:n]
+                q = np.where(pick[:, None], q2[n:], q2[:n])
+                chi = np.where(pick, chi2[n:], chi2[:n])
+            rows = np.flatnonzero(has) + s
+            out[rows], obj[rows] = q, chi
+        return out, obj
 
     def predict(
         self, X: np.ndarray, ivar: np.ndarray, chunk: int = 256, max_iter: int = 60, tol: float = 1e-6
@@ -562,30 +617,8 @@ class CannonModel:
 
         Spectra without any usable pixel get NaN labels.
         """
-        if self.theta is None:
-            raise SpecabundError("Cannon model is not trained (call fit or solve)")
-        X = np.atleast_2d(X)
-        ivar = np.atleast_2d(ivar)
-        if X.shape[1] != self.n_pixels or ivar.shape != X.shape:
-            raise DataMismatchError(f"spectra shape {X.shape}/{ivar.shape}, model has {self.n_pixels} pixels")
-        out = np.full((len(X), self.n_labels), np.nan)
-        for s in range(0, len(X), chunk):
-            f, w = self._weights(X[s : s + chunk], ivar[s : s + chunk])
-            has = w.sum(axis=1) > 0
-            if not has.any():
-                continue
-            f, w = f[has], w[has]
-            n = len(f)
-            starts = np.concatenate([np.zeros((n, self.n_labels)), self._linear_start(f, w)])
-            z, chi = self._levenberg_marquardt(
-                starts, np.concatenate([f, f]), np.concatenate([w, w]), max_iter, tol
-            )
-            pick = chi[n:] < chi[:n]
-            zbest = np.where(pick[:, None], z[n:], z[:n])
-            block = out[s : s + chunk]
-            block[has] = self.unstandardise(zbest)
-            out[s : s + chunk] = block
-        return out
+        q, _ = self.fit_parameters(X, ivar, chunk=chunk, max_iter=max_iter, tol=tol)
+        return self.unstandardise(q[:, : self.n_labels])
 
     def predict_label(self, X: np.ndarray, ivar: np.ndarray, name: str) -> np.ndarray:
         """Infer all labels and return the column ``name``, shape (N,)."""

@@ -275,23 +275,27 @@ class RegionalCannon:
         if self.finder is None or self.usable is None:
             raise SpecabundError("regional Cannon is not trained (call fit or solve)")
         X, ivar = np.atleast_2d(X), np.atleast_2d(ivar)
-        first = self.finder.predict(X, ivar)
-        out = np.full_like(first, np.nan)
+        # all models share the standardisation and the continuum basis, so the finder's parameters
+        # start the regional fit (one start instead of two), and those start the reassigned fit
+        q, _ = self.finder.fit_parameters(X, ivar)
+        first = self.finder.unstandardise(q[:, : self.n_labels])
         ok = np.all(np.isfinite(first), axis=1)
+        out = np.full(first.shape, np.nan)
         if not ok.any():
             return out
         region = np.full(len(X), -1)
         region[ok] = self.assign(first[ok])
         for k in np.unique(region[ok]):
             rows = np.flatnonzero(region == k)
-            out[rows] = self.regions[k].predict(X[rows], ivar[rows])
+            q[rows], _ = self.regions[k].fit_parameters(X[rows], ivar[rows], start=q[rows])
+        out = self.finder.unstandardise(q[:, : self.n_labels])
         done = np.all(np.isfinite(out), axis=1)
         again = np.full(len(X), -1)
         again[done] = self.assign(out[done])
         for k in np.unique(again[done & (again != region)]):
             rows = np.flatnonzero(done & (again == k) & (region != k))
-            out[rows] = self.regions[k].predict(X[rows], ivar[rows])
-        return out
+            q[rows], _ = self.regions[k].fit_parameters(X[rows], ivar[rows], start=q[rows])
+        return self.finder.unstandardise(q[:, : self.n_labels])
 
     def predict_label(self, X: np.ndarray, ivar: np.ndarray, name: str) -> np.ndarray:
         """Infer all labels and return the column ``name``, shape (N,)."""
