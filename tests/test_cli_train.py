@@ -64,3 +64,13 @@ def test_all_trains_and_tests(work: Path) -> None:
     out = _invoke(work, "all", "--elements", "CA_FE", *FAST, "--run-name", "run_all")
     assert (work / "models" / "run_all" / "model.safetensors").exists()
     assert "evaluated model run_all" in out
+
+
+def test_train_twice_needs_overwrite(work: Path) -> None:
+    args = ["train", "--elements", "MG_FE", *FAST, "--epochs", "1", "--run-name", "again"]
+    _invoke(work, *args)
+    first = (work / "models" / "again" / "model.safetensors").stat().st_mtime_ns
+    r = CliRunner().invoke(main, ["--workdir", str(work), *args])
+    assert r.exit_code == 1 and "already holds a training run" in r.output
+    _invoke(work, *args, "--overwrite")  # replaces the run (was ignored by `train` before)
+    assert (work / "models" / "again" / "model.safetensors").stat().st_mtime_ns > first

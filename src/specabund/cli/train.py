@@ -234,7 +234,14 @@ def train_cmd(ctx: click.Context, **kw: Any) -> None:
     """
     setup_logging(ctx.obj["ws"], "train", ctx.obj["verbose"])
     _train(
-        ctx, kw["data_path"], kw["elements"], _overrides(kw), kw["config_file"], kw["resume"], kw["run_name"]
+        ctx,
+        kw["data_path"],
+        kw["elements"],
+        _overrides(kw),
+        kw["config_file"],
+        kw["resume"],
+        kw["run_name"],
+        kw["overwrite"],
     )
 
 
