@@ -26,6 +26,8 @@ test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: venv
+	@echo "make demo starts from an empty $(DEMO_DIR)/ (earlier demo outputs are removed)"
+	rm -rf $(DEMO_DIR)
 	$(BIN)/specabund --workdir $(DEMO_DIR) simulate --n $(DEMO_N) --output-dir sim --seed 1
 	$(BIN)/specabund --workdir $(DEMO_DIR) preprocess --reference-csv sim/X_FE.csv \
 		--prediction-csv sim/galah_X_FE.csv --fits-dir sim/fits --output-dir processed_data
