@@ -8,11 +8,14 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from .errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -142,3 +145,14 @@ def hash_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := fh.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+def reject_unknown_keys(cls: type, data: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`ConfigError` naming the keys of ``data`` that are not fields of the dataclass ``cls``.
+
+    ``what`` names the keys in the message, e.g. ``'model config keys'``.
+    """
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")

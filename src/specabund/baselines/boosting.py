@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DataMismatchError, SpecabundError
-from ..utils import atomic_write, atomic_write_json, atomic_write_text
+from ..utils import atomic_write, atomic_write_json, atomic_write_text, reject_unknown_keys
 from .features import PCAReducer, fill_bad_pixels
 
 logger = logging.getLogger(__name__)
@@ -93,10 +93,7 @@ class BoostingConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BoostingConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown boosting options {sorted(unknown)}")
+        reject_unknown_keys(cls, d, "boosting options")
         return cls(**d)
 
 

@@ -8,12 +8,13 @@ gives a ready configuration that ``build_model`` turns into a network.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from ..errors import ConfigError
+from ..utils import reject_unknown_keys
 
 ACTIVATIONS = ("relu", "gelu", "silu", "leaky_relu", "elu")
 DOWNSAMPLING = ("stride", "maxpool", "avgpool")
@@ -114,10 +115,7 @@ class ModelConfig:
 
         Keys that are absent take the preset of ``data['name']`` (or the class defaults).
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {unknown}")
+        reject_unknown_keys(cls, data, "model config keys")
         name = data.get("name", cls.name)
         base = default_config(name) if name in _REGISTRY else cls(name=name)
         return replace(base, **data)

@@ -8,10 +8,11 @@ options can be stored next to a model and hashed (``specabund.utils.hash_json``)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from specabund.errors import ConfigError
+from specabund.utils import reject_unknown_keys
 
 #: LAMOST low-resolution pixel mask bits (bit index, value ``1 << index``), from the LAMOST data release
 #: documentation of the ANDMASK/ORMASK arrays. The real files in ``shared/data/lamost`` agree: the only bit
@@ -286,12 +287,7 @@ class PreprocessOptions:
         """Build options from a mapping (e.g. a TOML table); unknown keys raise :class:`ConfigError`."""
         if not isinstance(d, dict):
             raise ConfigError(f"preprocess options must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown preprocess option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        reject_unknown_keys(cls, d, "preprocess option(s)")
         kwargs = dict(d)
         if "bad_mask_bits" in kwargs and isinstance(kwargs["bad_mask_bits"], list):
             kwargs["bad_mask_bits"] = tuple(kwargs["bad_mask_bits"])

@@ -26,13 +26,14 @@ its own probability per spectrum and drawn from a ``torch.Generator``:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataMismatchError
+from ..utils import reject_unknown_keys
 
 FLUX_MIN = -1.0
 FLUX_MAX = 3.0
@@ -133,10 +134,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown augmentation keys: {unknown}")
+        reject_unknown_keys(cls, data, "augmentation keys")
         return cls(**data)
 
 

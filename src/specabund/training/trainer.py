@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from ..metrics import regression_metrics
 from ..models import ModelConfig, build_model
 from ..plotting import save_figure
 from ..tracking import BatchTracker
-from ..utils import atomic_write, hash_json
+from ..utils import atomic_write, hash_json, reject_unknown_keys
 from . import plots
 from .data import AugmentConfig, Augmenter, LabelScaler, prepare_input, select_labels
 from .loss import gaussian_nll, masked_mse
@@ -169,10 +169,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown training config keys: {unknown}")
+        reject_unknown_keys(cls, data, "training config keys")
         return cls(**data)
 
 
