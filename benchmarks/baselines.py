@@ -33,13 +33,11 @@ from train import DEFAULT_LABELS, THREADS, _preprocess, _simulate
 from specabund.baselines import (
     BoostingConfig,
     BoostingRegressor,
-    CannonModel,
     CannonSettings,
     RegionalCannon,
     cannon_label_names,
     label_column,
 )
-from specabund.baselines.cannon import censoring_masks
 from specabund.dataset import Dataset, load_dataset
 
 
@@ -48,24 +46,16 @@ def rmse(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cannon_models(ds: Dataset, element: str, train: np.ndarray) -> list[tuple[str, object, list[str]]]:
+    """The default Cannon of ``specabund baseline`` and the classic one, set up on the training labels."""
     names = cannon_label_names(ds, element)
-    lab = np.column_stack([label_column(ds, n) for n in names])[train]
-    mean, sd = lab.mean(axis=0), lab.std(axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
-    cen = censoring_masks(ds.wavelength, names)
-    s = CannonSettings()
-    k = s.n_regions(len(lab))
-    regional: CannonModel | RegionalCannon = RegionalCannon(
-        names, mean, sd, n_regions=k, order=s.order, overlap=s.overlap, scatter_grid=s.grid(k),
-        censor=cen, prior=s.prior, continuum_terms=s.continuum_terms(ds.n_pixels),
-    )  # fmt: skip
-    if k == 1:  # as the runner: one region is a single model
-        regional = CannonModel(
-            names, mean, sd, scatter_grid=s.grid(1), censor=cen, order=s.order, prior=s.prior,
-            continuum_terms=s.continuum_terms(ds.n_pixels),
-        )  # fmt: skip
-    classic = CannonModel(names, mean, sd, censor=cen, order=2)
-    return [(f"cannon-regional{k}", regional, names), ("cannon-classic", classic, names)]
+    lab = np.column_stack([label_column(ds, n) for n in names])
+    lab = lab[train & np.all(np.isfinite(lab), axis=1)]
+    default = CannonSettings().build(names, lab, ds.wavelength)
+    classic = CannonSettings(order=2, regions=1, prior=False, continuum_pixels=0).build(
+        names, lab, ds.wavelength
+    )
+    k = len(default.regions) if isinstance(default, RegionalCannon) else 1
+    return [(f"cannon-regional{k}", default, names), ("cannon-classic", classic, names)]
 
 
 def cnn_predictions(run_dir: Path, ds: Dataset, te: np.ndarray) -> tuple[float, np.ndarray, list[str]] | None:

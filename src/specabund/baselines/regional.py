@@ -277,25 +277,19 @@ class RegionalCannon:
         X, ivar = np.atleast_2d(X), np.atleast_2d(ivar)
         # all models share the standardisation and the continuum basis, so the finder's parameters
         # start the regional fit (one start instead of two), and those start the reassigned fit
-        q, _ = self.finder.fit_parameters(X, ivar)
-        first = self.finder.unstandardise(q[:, : self.n_labels])
-        ok = np.all(np.isfinite(first), axis=1)
-        out = np.full(first.shape, np.nan)
-        if not ok.any():
-            return out
+        q, _ = self.finder.fit_parameters(X, ivar)  # rows without usable pixels stay NaN throughout
+        labels = self.finder.unstandardise(q[:, : self.n_labels])
+        ok = np.all(np.isfinite(labels), axis=1)
         region = np.full(len(X), -1)
-        region[ok] = self.assign(first[ok])
-        for k in np.unique(region[ok]):
-            rows = np.flatnonzero(region == k)
-            q[rows], _ = self.regions[k].fit_parameters(X[rows], ivar[rows], start=q[rows])
-        out = self.finder.unstandardise(q[:, : self.n_labels])
-        done = np.all(np.isfinite(out), axis=1)
-        again = np.full(len(X), -1)
-        again[done] = self.assign(out[done])
-        for k in np.unique(again[done & (again != region)]):
-            rows = np.flatnonzero(done & (again == k) & (region != k))
-            q[rows], _ = self.regions[k].fit_parameters(X[rows], ivar[rows], start=q[rows])
-        return self.finder.unstandardise(q[:, : self.n_labels])
+        for _ in range(2):  # the region of the finder's labels, then of the regional labels
+            best = np.full(len(X), -1)
+            best[ok] = self.assign(labels[ok])
+            for k in np.unique(best[ok & (best != region)]):
+                rows = np.flatnonzero(ok & (best == k) & (region != k))
+                q[rows], _ = self.regions[k].fit_parameters(X[rows], ivar[rows], start=q[rows])
+            region = best
+            labels = self.finder.unstandardise(q[:, : self.n_labels])
+        return labels
 
     def predict_label(self, X: np.ndarray, ivar: np.ndarray, name: str) -> np.ndarray:
         """Infer all labels and return the column ``name``, shape (N,)."""

@@ -135,6 +135,47 @@ class CannonSettings:
     def n_regions(self, n_train: int) -> int:
         return self.regions or auto_n_regions(n_train)
 
+    def build(
+        self, label_names: list[str], train_labels: np.ndarray, wavelength: np.ndarray, seed: int = 0
+    ) -> CannonModel | RegionalCannon:
+        """The untrained Cannon these settings describe, for spectra on ``wavelength``.
+
+        The label standardisation (and the regions of a regional Cannon) come from all the training
+        labels (N, L) at once, so that training batch by batch adds up to one fit.
+        """
+        lab = np.asarray(train_labels, dtype=np.float64)
+        mean, scale = lab.mean(axis=0), lab.std(axis=0)
+        scale = np.where(scale > 0, scale, 1.0)
+        censor = None
+        if self.censor_half_width is not None:
+            censor = censoring_masks(wavelength, label_names, self.censor_half_width)
+        n_reg = self.n_regions(len(lab))
+        terms = self.continuum_terms(len(wavelength))
+        if n_reg == 1:
+            return CannonModel(
+                label_names,
+                mean,
+                scale,
+                scatter_grid=self.grid(1),
+                censor=censor,
+                order=self.order,
+                prior=self.prior,
+                continuum_terms=terms,
+            )
+        return RegionalCannon(
+            label_names,
+            mean,
+            scale,
+            n_regions=n_reg,
+            order=self.order,
+            overlap=self.overlap,
+            scatter_grid=self.grid(n_reg),
+            censor=censor,
+            seed=seed,
+            prior=self.prior,
+            continuum_terms=terms,
+        ).set_regions(lab)
+
     def grid(self, n_regions: int) -> tuple[float, ...]:
         if self.scatter_grid is not None:
             return tuple(float(s) for s in self.scatter_grid)
@@ -299,39 +340,9 @@ class _Run:
     # ------------------------------------------------------------------ model handling
     def new_model(self) -> BaselineModel:
         if self.model == "cannon":
-            lab = self.labels[self.train_idx]
-            scale = lab.std(axis=0)
-            c = self.cannon
-            censor = None
-            if c.censor_half_width is not None:
-                censor = censoring_masks(self.ds.wavelength, self.label_names, c.censor_half_width)
-            mean, scale = lab.mean(axis=0), np.where(scale > 0, scale, 1.0)
-            n_reg = c.n_regions(len(lab))
-            if n_reg == 1:
-                return CannonModel(
-                    self.label_names,
-                    mean,
-                    scale,
-                    scatter_grid=c.grid(1),
-                    censor=censor,
-                    order=c.order,
-                    prior=c.prior,
-                    continuum_terms=c.continuum_terms(self.ds.n_pixels),
-                )
-            # the regions come from the whole training split, so batches add up to one fit
-            return RegionalCannon(
-                self.label_names,
-                mean,
-                scale,
-                n_regions=n_reg,
-                order=c.order,
-                overlap=c.overlap,
-                scatter_grid=c.grid(n_reg),
-                censor=censor,
-                seed=self.seed,
-                prior=c.prior,
-                continuum_terms=c.continuum_terms(self.ds.n_pixels),
-            ).set_regions(lab)
+            return self.cannon.build(
+                self.label_names, self.labels[self.train_idx], self.ds.wavelength, seed=self.seed
+            )
         m = BoostingRegressor(self.model, self.boosting_config, self.n_threads, self.device, self.seed)
         if self.boosting_config.features == "pca":
             idx = self.train_idx
