@@ -47,3 +47,70 @@ def masked_mse(mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     mask, t = _masked(target)
     per = torch.where(mask, (t - mean.float()) ** 2, torch.zeros_like(t))
     return per.sum() / mask.sum().clamp(min=1)
+
+
+def beta_nll(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    target: torch.Tensor,
+    beta: float = 0.5,
+    logvar_min: float = -10.0,
+    logvar_max: float = 6.0,
+) -> torch.Tensor:
+    """beta-NLL (Seitzer et al. 2022): the Gaussian NLL of each entry weighted by ``sigma**(2 beta)``.
+
+    The weight is detached, so it rescales the gradient without being optimised itself. ``beta = 0`` is the
+    plain NLL; ``beta = 1`` gives the mean the gradient of the squared error, which stops the network
+    from explaining errors away with a larger predicted variance instead of fitting the mean.
+    """
+    mask, t = _masked(target)
+    lv = logvar.float().clamp(logvar_min, logvar_max)
+    per = 0.5 * (lv + (t - mean.float()) ** 2 * torch.exp(-lv))
+    per = per * torch.exp(beta * lv).detach()
+    per = torch.where(mask, per, torch.zeros_like(per))
+    return per.sum() / mask.sum().clamp(min=1)
+
+
+def mse_detached_nll(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    target: torch.Tensor,
+    logvar_min: float = -10.0,
+    logvar_max: float = 6.0,
+) -> torch.Tensor:
+    """Squared error for the mean plus the Gaussian NLL of the variance around the *detached* mean.
+
+    The mean is fitted exactly as by :func:`masked_mse` (its gradient does not depend on the predicted
+    variance), and the variance head learns the size of the remaining error, so the uncertainties stay
+    calibrated without the variance being able to excuse a poor mean.
+    """
+    mask, t = _masked(target)
+    m = mean.float()
+    lv = logvar.float().clamp(logvar_min, logvar_max)
+    sq = (t - m) ** 2
+    per = sq + 0.5 * (lv + sq.detach() * torch.exp(-lv))
+    per = torch.where(mask, per, torch.zeros_like(per))
+    return per.sum() / mask.sum().clamp(min=1)
+
+
+LOSSES = ("nll", "beta_nll", "mse")
+
+
+def training_loss(
+    kind: str,
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    target: torch.Tensor,
+    logvar_min: float = -10.0,
+    logvar_max: float = 6.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """The training loss ``kind``: ``'nll'`` (:func:`gaussian_nll`), ``'beta_nll'`` (:func:`beta_nll`)
+    or ``'mse'`` (:func:`mse_detached_nll`: squared error for the mean, NLL for the variance)."""
+    if kind == "nll":
+        return gaussian_nll(mean, logvar, target, logvar_min, logvar_max)
+    if kind == "beta_nll":
+        return beta_nll(mean, logvar, target, beta, logvar_min, logvar_max)
+    if kind == "mse":
+        return mse_detached_nll(mean, logvar, target, logvar_min, logvar_max)
+    raise ValueError(f"unknown loss {kind!r}; one of {LOSSES}")

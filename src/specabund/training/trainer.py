@@ -38,7 +38,7 @@ from ..tracking import BatchTracker
 from ..utils import atomic_write, hash_json, reject_unknown_keys
 from . import plots
 from .data import AugmentConfig, Augmenter, LabelScaler, prepare_input, select_labels
-from .loss import gaussian_nll, masked_mse
+from .loss import LOSSES, masked_mse, training_loss
 from .saved import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -101,8 +101,14 @@ class TrainConfig:
     scheduler : str
         ``'onecycle'`` (per batch, peak ``learning_rate``), ``'cosine'`` (per batch down to
         ``min_lr``), ``'plateau'`` (per epoch on the validation loss) or ``'none'``.
+    loss : str
+        ``'nll'`` (Gaussian negative log-likelihood), ``'beta_nll'`` (NLL weighted by ``sigma**(2 beta)``)
+        or ``'mse'`` (squared error for the mean, NLL for the variance around the detached mean); see
+        :mod:`specabund.training.loss`. The validation value of the same loss selects the best epoch.
+    beta : float
+        The exponent of ``'beta_nll'``.
     mse_warmup_epochs : int
-        First epochs trained on the masked MSE of the means before switching to the Gaussian NLL.
+        First epochs trained on the masked MSE of the means before switching to ``loss``.
     augment : AugmentConfig
         Augmentation probabilities and strengths.
     seed : int
@@ -131,6 +137,8 @@ class TrainConfig:
     min_lr: float = 1e-6
     plateau_factor: float = 0.5
     plateau_patience: int = 5
+    loss: str = "nll"
+    beta: float = 0.5
     mse_warmup_epochs: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
@@ -153,6 +161,10 @@ class TrainConfig:
             raise ConfigError("learning_rate must be > 0 and weight_decay >= 0")
         if self.early_stopping < 0 or self.grad_clip < 0 or self.mse_warmup_epochs < 0:
             raise ConfigError("early_stopping, grad_clip and mse_warmup_epochs must be >= 0")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss {self.loss!r} not in {LOSSES}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"beta must lie in [0, 1], got {self.beta}")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler {self.scheduler!r} not in {SCHEDULERS}")
         if self.amp_dtype not in ("bf16", "fp16"):
@@ -313,7 +325,7 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 def _evaluate_split(
     model: nn.Module, data: _Tensors, in_channels: int, cfg: TrainConfig, dev: torch.device
 ) -> tuple[float, np.ndarray, np.ndarray]:
-    """Validation NLL (standardised units) and the standardised mean and log-variance predictions."""
+    """Validation loss (``cfg.loss``, standardised units) and the standardised mean and log-variance."""
     model.eval()
     total, count = 0.0, 0
     mus, lvs = [], []
@@ -328,7 +340,7 @@ def _evaluate_split(
             mu, lv = model(prepare_input(xb, vb, in_channels))
         mu, lv = mu.float(), lv.float()
         k = int(torch.isfinite(yb).sum())
-        total += float(gaussian_nll(mu, lv, yb)) * k
+        total += float(training_loss(cfg.loss, mu, lv, yb, beta=cfg.beta)) * k
         count += k
         mus.append(mu.double().cpu().numpy())
         lvs.append(lv.double().cpu().numpy())
@@ -592,7 +604,9 @@ def _train_loop(
                 loss = (
                     masked_mse(mu, yb)
                     if use_mse
-                    else gaussian_nll(mu, lv, yb, model_config.logvar_min, model_config.logvar_max)
+                    else training_loss(
+                        cfg.loss, mu, lv, yb, model_config.logvar_min, model_config.logvar_max, cfg.beta
+                    )
                 )
                 optimizer.zero_grad(set_to_none=True)
                 grad_scaler.scale(loss).backward()
@@ -621,7 +635,7 @@ def _train_loop(
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "val_loss": val_loss,
-                "loss_kind": "mse" if use_mse else "nll",
+                "loss_kind": "mse_warmup" if use_mse else cfg.loss,
                 "lr": float(optimizer.param_groups[0]["lr"]),
                 "best_epoch": best_epoch,
             }
