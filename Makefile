@@ -7,13 +7,16 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 DEMO_N ?= 1000
 DEMO_EPOCHS ?= 25
+# the torch build installed first; the default is the CPU wheel (a bare 'torch' may pull the CUDA build).
+# GPU users: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu126" venv
+TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv test lint demo bench clean
 
 $(BIN)/specabund:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "torch>=2.3,<=2.13"
+	$(BIN)/pip install $(TORCH_SPEC)
 	$(BIN)/pip install -e ".[dev]"
 
 venv: $(BIN)/specabund
