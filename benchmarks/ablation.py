@@ -65,7 +65,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "lr_3e-3": ({}, {"learning_rate": 3e-3}, {}),
     "deeper_k7": ({"kernel_size": 7, "blocks_per_group": 2}, {}, {}),
     "all": (
-        {"dropout": 0.0, "pool_bins": 32, "kernel_size": 7, "blocks_per_group": 2},
+        {"dropout": 0.0, "pool_bins": 32},
         {"loss": "mse", "learning_rate": 3e-3},
         {"noise_prob": 0.0, "rv_prob": 0.0},
     ),

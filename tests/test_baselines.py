@@ -30,6 +30,7 @@ from specabund.baselines import (
     update_comparison,
 )
 from specabund.baselines.cannon import censoring_masks, term_labels
+from specabund.baselines.comparison import labels_only_verdicts
 from specabund.baselines.regional import auto_n_regions
 from specabund.dataset import Dataset
 from specabund.errors import ConfigError, DataMismatchError
@@ -136,7 +137,7 @@ def test_batch_outputs_and_table(full_run: tuple[Path, dict]) -> None:
 def test_comparison_contains_every_model_run(full_run: tuple[Path, dict]) -> None:
     out, res = full_run
     df = pd.read_csv(out / "baseline" / "comparison.csv")
-    assert tuple(df.columns) == COMPARISON_COLUMNS
+    assert tuple(df.columns) == (*COMPARISON_COLUMNS, "rmse_ratio_labels_only")
     bins = ["all", *snr_bin_labels()]
     for model in ("xgboost", "lightgbm", "cannon"):
         sub = df[(df["model"] == model) & (df["element"] == "C_FE")]
@@ -250,12 +251,20 @@ def test_update_comparison_upserts(tmp_path: Path) -> None:
     df = update_comparison(tmp_path, rows("xgboost", 0.3))
     assert len(df) == 4
     on_disk = read_comparison(tmp_path)
-    assert tuple(on_disk.columns) == COMPARISON_COLUMNS
+    assert tuple(on_disk.columns) == (*COMPARISON_COLUMNS, "rmse_ratio_labels_only")
+    assert on_disk["rmse_ratio_labels_only"].isna().all()  # no labels-only rows yet
     assert set(on_disk.loc[on_disk["model"] == "xgboost", "rmse"]) == {0.3}
     assert set(on_disk.loc[on_disk["model"] == "cnn", "rmse"]) == {0.1}
     assert list(on_disk["snr_bin"][:2]) == ["all", "<20"]
     with pytest.raises(DataMismatchError):
         update_comparison(tmp_path, [{"model": "x", "element": "C_FE"}])
+    df = update_comparison(tmp_path, rows("labels_only", 0.4))
+    ratio = df.set_index(["model", "snr_bin"])["rmse_ratio_labels_only"]
+    assert ratio[("cnn", "all")] == pytest.approx(0.25) and ratio[("xgboost", "<20")] == pytest.approx(0.75)
+    verdicts = labels_only_verdicts(df).set_index("model")
+    assert verdicts.loc["cnn", "verdict"] == "reads the spectrum"
+    assert verdicts.loc["xgboost", "verdict"] == "not clearly better than Teff/logg/[Fe/H] alone"
+    on_disk = read_comparison(tmp_path)
     fig = comparison_figure(on_disk)
     assert isinstance(fig, Figure) and len(fig.axes) == 4
     assert {t.get_text() for t in fig.axes[0].get_xticklabels()} == {"all", "<20"}
@@ -268,8 +277,10 @@ def test_features_and_pca_roundtrip(ds: Dataset, tmp_path: Path) -> None:
     pca = PCAReducer.fit(ds.X, ds.ivar, 10, seed=0)
     pca.save(tmp_path / "pca.npz")
     back = PCAReducer.load(tmp_path / "pca.npz")
-    np.testing.assert_array_equal(
-        pca.transform(ds.X[:20], ds.ivar[:20]), back.transform(ds.X[:20], ds.ivar[:20])
+    np.testing.assert_array_equal(pca.components, back.components)
+    np.testing.assert_array_equal(pca.mean, back.mean)
+    np.testing.assert_allclose(
+        pca.transform(ds.X[:20], ds.ivar[:20]), back.transform(ds.X[:20], ds.ivar[:20]), rtol=1e-6, atol=1e-7
     )
     assert 0.5 < pca.explained_variance_ratio.sum() <= 1.0
 
@@ -289,7 +300,7 @@ def test_raw_feature_boosting_save_load(ds: Dataset, tmp_path: Path) -> None:
 
 def test_model_names_and_options() -> None:
     assert resolve_models("both") == ["xgboost", "lightgbm"]
-    assert resolve_models("all") == ["xgboost", "lightgbm", "cannon"]
+    assert resolve_models("all") == ["xgboost", "lightgbm", "cannon", "labels_only"]
     assert resolve_models("Cannon") == ["cannon"]
     for bad in ({"order": 5}, {"regions": -1}, {"overlap": 0}, {"censor_half_width": -1.0}):
         with pytest.raises(ConfigError):

@@ -344,6 +344,17 @@ def collect_results(
                 table = _filter_label_rows(table, labels)
             files = [comp, *sorted((results_dir / "baseline").glob("*.png"))]
             res.sections.append(Section("model comparison", table, None, files))
+            if table is not None and "labels_only" in set(table["model"].astype(str)):
+                from ..baselines.comparison import labels_only_verdicts
+
+                verdicts = labels_only_verdicts(table)
+                text = (
+                    "Each model's test RMSE against the labels-only baseline (gradient boosting of the "
+                    "label on the catalogue's Teff, logg and [Fe/H], no spectrum). A ratio clearly below 1 "
+                    "(< 0.6) means the model reads the element from the spectrum; near 1 it restates the "
+                    "correlations of its training set."
+                )
+                res.sections.append(Section("labels-only check", verdicts, text, [comp]))
     return res
 
 

@@ -4,10 +4,12 @@ Features
 --------
 ``features='pca'`` (the default) projects the spectra, with unusable pixels (``ivar == 0`` or non-finite)
 replaced by the continuum value 1.0, onto ``n_components`` principal components fitted on the training
-spectra. ``features='raw'`` feeds the filled pixels directly. Measured on synthetic Gaussian-line spectra
-(1000 pixels, 2100 training spectra, [C/Fe] scatter 0.15 dex, 2 threads), PCA-64 gave test RMSE 0.033-0.035
-against 0.041-0.045 for raw pixels and trained 4-7 times faster, for both libraries; the default is
-therefore ``'pca'`` (``python benchmarks/baselines.py --compare-features`` repeats the comparison).
+spectra. ``features='raw'`` feeds the filled pixels directly; ``features='given'`` takes ``X`` as a ready
+feature matrix (the labels-only baseline passes the catalogue's Teff, logg and [Fe/H]). Measured on
+synthetic Gaussian-line spectra (1000 pixels, 2100 training spectra, [C/Fe] scatter 0.15 dex, 2 threads),
+PCA-64 gave test RMSE 0.033-0.035 against 0.041-0.045 for raw pixels and trained 4-7 times faster, for both
+libraries; the default is therefore ``'pca'`` (``python benchmarks/baselines.py --compare-features``
+repeats the comparison).
 
 Training continues an existing booster when :meth:`BoostingRegressor.fit` is called again (XGBoost
 ``xgb_model=``, LightGBM ``init_model=``), which is how the batch runner trains over batches. Early
@@ -35,7 +37,7 @@ from .features import PCAReducer, fill_bad_pixels
 logger = logging.getLogger(__name__)
 
 BOOSTING_KINDS: tuple[str, ...] = ("xgboost", "lightgbm")
-FEATURE_MODES: tuple[str, ...] = ("pca", "raw")
+FEATURE_MODES: tuple[str, ...] = ("pca", "raw", "given")
 
 
 @dataclass
@@ -164,6 +166,9 @@ class BoostingRegressor:
             raise DataMismatchError(f"spectra have {X.shape[1]} pixels, the model expects {self.n_pixels}")
         if self.config.features == "raw":
             return fill_bad_pixels(X, ivar)
+        if self.config.features == "given":
+            # a ready feature matrix (e.g. catalogue Teff, logg, [Fe/H]); NaN stays missing for the trees
+            return np.asarray(X, dtype=np.float64)
         if self.reducer is None:
             raise SpecabundError("PCA features requested but no PCA fitted yet")
         return self.reducer.transform(X, ivar)

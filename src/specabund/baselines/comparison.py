@@ -3,6 +3,11 @@
 One row per (model, element, SNR bin) with the test-split metrics; ``snr_bin`` is ``'all'`` for the whole
 test split or a bin name from :func:`specabund.metrics.snr_bin_labels`. Baselines and the CNN
 (``model='cnn'``) add their rows through :func:`update_comparison`, which replaces rows with the same key.
+
+The column ``rmse_ratio_labels_only`` divides each row's RMSE by that of the labels-only baseline (gradient
+boosting of the label on the catalogue's Teff, logg and [Fe/H], no spectrum) for the same element and SNR
+bin: an abundance model whose ratio is not clearly below 1 has learned the astrophysical correlations of
+its training set rather than the element's lines (:func:`labels_only_verdicts`).
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ COMPARISON_COLUMNS: tuple[str, ...] = (
     "r2",
 )
 KEY_COLUMNS: tuple[str, ...] = ("model", "element", "snr_bin")
+#: Derived column: each row's RMSE over that of the labels-only baseline (same element and SNR bin).
+RATIO_COLUMN = "rmse_ratio_labels_only"
+LABELS_ONLY_MODEL = "labels_only"
+#: Below this ratio a model has clearly learned more than the Teff/logg/[Fe/H] correlations.
+CLEAR_WIN_RATIO = 0.6
 METRIC_COLUMNS: tuple[str, ...] = ("rmse", "robust_scatter", "bias", "r2")
 
 
@@ -64,14 +74,59 @@ def read_comparison(out_root: str | Path) -> pd.DataFrame:
     """The comparison table (an empty frame with the right columns when none exists yet)."""
     path = comparison_path(out_root)
     if not path.exists():
-        return _empty()
+        return with_labels_only_ratio(_empty())
     df = pd.read_csv(
         path,
         dtype={"model": str, "element": str, "snr_bin": str},
         keep_default_na=False,
-        na_values={c: ["", "nan", "NaN"] for c in COMPARISON_COLUMNS[3:]},
+        na_values={c: ["", "nan", "NaN"] for c in (*COMPARISON_COLUMNS[3:], RATIO_COLUMN)},
     )
-    return df[list(COMPARISON_COLUMNS)]
+    return with_labels_only_ratio(df[list(COMPARISON_COLUMNS)])
+
+
+def with_labels_only_ratio(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the column ``rmse_ratio_labels_only`` (NaN where no labels-only row matches)."""
+    out = df.copy()
+    ref = out[out["model"].astype(str) == LABELS_ONLY_MODEL].set_index(["element", "snr_bin"])["rmse"]
+    keys = list(zip(out["element"].astype(str), out["snr_bin"].astype(str), strict=True))
+    base = np.array([float(ref.get(k, np.nan)) for k in keys], dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[RATIO_COLUMN] = pd.to_numeric(out["rmse"], errors="coerce").to_numpy(dtype=float) / base
+    return out
+
+
+def labels_only_verdicts(df: pd.DataFrame, snr_bin: str = "all") -> pd.DataFrame:
+    """Per (model, element) of the ``snr_bin`` rows: RMSE, the labels-only RMSE, their ratio and a verdict.
+
+    ``verdict`` is ``'reads the spectrum'`` below :data:`CLEAR_WIN_RATIO`, ``'not clearly better than
+    Teff/logg/[Fe/H] alone'`` up to 0.9 and ``'no better than Teff/logg/[Fe/H] alone'`` above; empty when
+    no labels-only baseline ran for the element.
+    """
+    t = with_labels_only_ratio(df) if RATIO_COLUMN not in df.columns else df
+    t = t[(t["snr_bin"].astype(str) == snr_bin) & (t["model"].astype(str) != LABELS_ONLY_MODEL)]
+    rows = []
+    for _, r in t.iterrows():
+        ratio = float(r[RATIO_COLUMN])
+        if not np.isfinite(ratio):
+            verdict = ""
+        elif ratio < CLEAR_WIN_RATIO:
+            verdict = "reads the spectrum"
+        elif ratio < 0.9:
+            verdict = "not clearly better than Teff/logg/[Fe/H] alone"
+        else:
+            verdict = "no better than Teff/logg/[Fe/H] alone"
+        rows.append(
+            {
+                "model": r["model"],
+                "element": r["element"],
+                "rmse": float(r["rmse"]),
+                "rmse_labels_only": float(r["rmse"]) / ratio if np.isfinite(ratio) and ratio > 0 else np.nan,
+                RATIO_COLUMN: ratio,
+                "verdict": verdict,
+            }
+        )
+    cols = ["model", "element", "rmse", "rmse_labels_only", RATIO_COLUMN, "verdict"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _bin_order(edges: tuple[float, ...] = DEFAULT_SNR_BINS) -> dict[str, int]:
@@ -104,7 +159,7 @@ def update_comparison(out_root: str | Path, rows: Iterable[Mapping[str, Any]] | 
     for c in KEY_COLUMNS:
         new[c] = new[c].astype(str)
     new = new.drop_duplicates(subset=list(KEY_COLUMNS), keep="last")
-    old = read_comparison(out_root)
+    old = read_comparison(out_root)[list(COMPARISON_COLUMNS)]
     if not old.empty:
         keys_new = set(map(tuple, new[list(KEY_COLUMNS)].to_numpy().tolist()))
         keep = [tuple(k) not in keys_new for k in old[list(KEY_COLUMNS)].to_numpy().tolist()]
@@ -116,6 +171,7 @@ def update_comparison(out_root: str | Path, rows: Iterable[Mapping[str, Any]] | 
     df = df.assign(_b=df["snr_bin"].map(lambda b: order.get(b, len(order))))
     df = df.sort_values(["model", "element", "_b", "snr_bin"]).drop(columns="_b").reset_index(drop=True)
     df["n"] = pd.to_numeric(df["n"]).astype(int)
+    df = with_labels_only_ratio(df[list(COMPARISON_COLUMNS)])
     with atomic_write(comparison_path(out_root), "w", encoding="utf-8", newline="") as fh:
         df.to_csv(fh, index=False)
     return df

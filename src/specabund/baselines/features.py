@@ -89,7 +89,10 @@ class PCAReducer:
             raise DataMismatchError(
                 f"spectra have {Xf.shape[1]} pixels, the PCA expects {self.mean.shape[0]}"
             )
-        return ((Xf - self.mean) @ self.components.T).astype(np.float32)
+        # float64 products: a float32 GEMM's summation order (and so its last bits) depends on the
+        # memory alignment and thread count, which made saved-and-reloaded PCAs differ by ~1e-5
+        centred = Xf.astype(np.float64) - self.mean.astype(np.float64)
+        return (centred @ self.components.T.astype(np.float64)).astype(np.float32)
 
     def save(self, path: str | Path) -> None:
         """Write ``components``, ``mean`` and ``explained_variance_ratio`` to an npz atomically."""

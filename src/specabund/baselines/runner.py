@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,9 @@ from .regional import REGIONAL_SCATTER_GRID, RegionalCannon, auto_n_regions, loa
 
 logger = logging.getLogger(__name__)
 
-BASE_MODELS: tuple[str, ...] = ("xgboost", "lightgbm", "cannon")
+BASE_MODELS: tuple[str, ...] = ("xgboost", "lightgbm", "cannon", "labels_only")
+#: The labels-only baseline: LightGBM of the label on the catalogue's Teff, logg and [Fe/H], no spectrum.
+LABELS_ONLY = "labels_only"
 MODEL_CHOICES: tuple[str, ...] = (*BASE_MODELS, "both", "all")
 STELLAR_LABELS: dict[str, str] = {"TEFF": "teff", "LOGG": "logg", "FE_H": "fe_h"}
 TREND_METRICS: tuple[str, ...] = (
@@ -183,8 +185,8 @@ class CannonSettings:
 
 
 def resolve_models(model_name: str) -> list[str]:
-    """Concrete model names for ``'xgboost'``, ``'lightgbm'``, ``'cannon'``, ``'both'`` (the two tree
-    models) or ``'all'``."""
+    """Concrete model names for ``'xgboost'``, ``'lightgbm'``, ``'cannon'``, ``'labels_only'``, ``'both'``
+    (the two tree models) or ``'all'``."""
     name = model_name.lower()
     if name == "both":
         return ["xgboost", "lightgbm"]
@@ -209,6 +211,18 @@ def label_column(dataset: Dataset, name: str) -> np.ndarray:
     raise DataMismatchError(
         f"label {name!r} not in dataset labels {dataset.elements} nor {list(STELLAR_LABELS)}"
     )
+
+
+def labels_only_features(dataset: Dataset, element: str) -> list[str]:
+    """Inputs of the labels-only baseline for ``element``: the catalogue's TEFF, LOGG and FE_H (those with
+    values in the training split), the element itself excluded."""
+    train = dataset.split == SPLIT_CODES["train"]
+    names = [n for n in STELLAR_LABELS if n != element and np.isfinite(label_column(dataset, n)[train]).any()]
+    if not names:
+        raise SpecabundError(
+            f"labels_only baseline for {element}: the data carry no Teff, logg or [Fe/H] to predict it from"
+        )
+    return names
 
 
 def cannon_label_names(dataset: Dataset, element: str, min_fraction: float = 0.5) -> list[str]:
@@ -259,6 +273,10 @@ class _Run:
 
         self.target = label_column(dataset, element)
         split = dataset.split
+        self.given: np.ndarray | None = None
+        if model == LABELS_ONLY:
+            self.feature_names = labels_only_features(dataset, element)
+            self.given = np.column_stack([label_column(dataset, n) for n in self.feature_names])
         if model == "cannon":
             self.label_names = cannon_label_names(dataset, element)
             self.labels = np.column_stack([label_column(dataset, n) for n in self.label_names])
@@ -300,7 +318,9 @@ class _Run:
                 "continuum_terms": c.continuum_terms(self.ds.n_pixels),
             }
         else:
-            cfg = asdict(self.boosting_config)
+            cfg = asdict(self._boosting_config())
+            if self.given is not None:
+                cfg["inputs"] = self.feature_names
         data_hash = hash_bytes(
             self.train_idx.astype(np.int64).tobytes(),
             np.ascontiguousarray(self.labels[self.train_idx]).tobytes(),
@@ -338,13 +358,25 @@ class _Run:
         return self.models_dir / f"batch_{k}.json"
 
     # ------------------------------------------------------------------ model handling
+    def _boosting_config(self) -> BoostingConfig:
+        if self.model == LABELS_ONLY:
+            return replace(self.boosting_config, features="given")
+        return self.boosting_config
+
+    def _inputs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's inputs for rows ``idx``: the spectra, or the catalogue labels (labels-only)."""
+        if self.given is not None:
+            return self.given[idx], None
+        return self.ds.X[idx], self.ds.ivar[idx]
+
     def new_model(self) -> BaselineModel:
         if self.model == "cannon":
             return self.cannon.build(
                 self.label_names, self.labels[self.train_idx], self.ds.wavelength, seed=self.seed
             )
-        m = BoostingRegressor(self.model, self.boosting_config, self.n_threads, self.device, self.seed)
-        if self.boosting_config.features == "pca":
+        kind = "lightgbm" if self.model == LABELS_ONLY else self.model
+        m = BoostingRegressor(kind, self._boosting_config(), self.n_threads, self.device, self.seed)
+        if m.config.features == "pca":
             idx = self.train_idx
             m.set_reducer(
                 PCAReducer.fit(
@@ -377,19 +409,19 @@ class _Run:
 
     def fit_batch(self, model: BaselineModel, k: int) -> None:
         idx = self.batches[k - 1]
-        X, iv = self.ds.X[idx], self.ds.ivar[idx]
+        X, iv = self._inputs(idx)
         if isinstance(model, CANNON_TYPES):
             model.partial_fit(X, iv, self.labels[idx]).solve()
             return
         c = self.boosting_config
         rounds = c.n_rounds if self.n_batches == 1 else c.rounds_per_batch
-        v = self.val_idx
-        model.fit(X, iv, self.target[idx], self.ds.X[v], self.ds.ivar[v], self.target[v], n_rounds=rounds)
+        Xv, ivv = self._inputs(self.val_idx)
+        model.fit(X, iv, self.target[idx], Xv, ivv, self.target[self.val_idx], n_rounds=rounds)
 
     def predict(self, model: BaselineModel, idx: np.ndarray) -> np.ndarray:
         if len(idx) == 0:
             return np.zeros(0)
-        X, iv = self.ds.X[idx], self.ds.ivar[idx]
+        X, iv = self._inputs(idx)
         if isinstance(model, CANNON_TYPES):
             return model.predict_label(X, iv, self.element)
         return model.predict(X, iv)
