@@ -363,3 +363,24 @@ def test_simulate_dataset(tmp_path: Path) -> None:
     s3 = simulate_dataset(6, tmp_path / "c", seed=8, layout="table", gzip=True)
     assert s3["layouts"] == {"table": 6}
     assert all(n.endswith(".fits.gz") for n in pd.read_csv(tmp_path / "c" / "truth.csv")["spec"])
+
+
+def test_permuted_abundances_keep_marginals_and_break_correlations(tmp_path: Path) -> None:
+    """``permuted=True``: the same Galactic stars, each X_FE column shuffled across them."""
+    with pytest.raises(ValueError, match="exclude"):
+        simulate_dataset(4, tmp_path / "x", seed=1, independent=True, permuted=True)
+    simulate_dataset(60, tmp_path / "g", seed=5, prediction_fraction=0.0, repeat_fraction=0.0)
+    s = simulate_dataset(
+        60, tmp_path / "p", seed=5, prediction_fraction=0.0, repeat_fraction=0.0, permuted=True
+    )
+    assert s["permuted"]
+    gal = pd.read_csv(tmp_path / "g" / "truth.csv")
+    perm = pd.read_csv(tmp_path / "p" / "truth.csv")
+    for col in ("teff", "logg", "fe_h"):
+        np.testing.assert_array_equal(gal[col], perm[col])
+    for col in ("C_FE", "MG_FE", "CA_FE"):
+        np.testing.assert_allclose(np.sort(gal[col]), np.sort(perm[col]))
+        assert not np.allclose(gal[col], perm[col])
+    # the alpha knee ties [Mg/Fe] to [Fe/H] in the Galactic draw, not after the shuffle
+    big = draw_labels(3000, np.random.default_rng(3))
+    assert np.corrcoef(big["fe_h"], big["MG_FE"])[0, 1] < -0.3

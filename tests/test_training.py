@@ -406,3 +406,72 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA"):
             resolve_device("cuda")
+
+
+# ---------------------------------------------------------------- fine-tuning from a parent run
+
+
+def test_init_from_copies_trunk_new_head_and_freezes(
+    data: Dataset, trained: tuple[Path, TrainResult, Path], tmp_path: Path
+) -> None:
+    parent_dir = trained[0]
+    parent = load_model(parent_dir)
+    assert isinstance(parent, LoadedModel)
+    tr, va = data.split_subset("train"), data.split_subset("val")
+    labels = ["MG_FE", "FE_H"]  # other labels than the parent's: a new output layer
+    # every epoch frozen: the trunk (and its batch-norm statistics) must come out exactly as the parent's
+    child = tmp_path / "child"
+    train(tr, va, labels, default_config("rescnn"), small_config(epochs=2, freeze_epochs=2), child,
+          init_from=parent_dir)  # fmt: skip
+    got = load_model(child)
+    assert isinstance(got, LoadedModel)
+    assert got.model_config == parent.model_config  # the parent's architecture wins
+    ps, cs = parent.model.state_dict(), got.model.state_dict()
+    trunk = [k for k in ps if not k.startswith("head.")]
+    assert trunk and all(torch.equal(ps[k], cs[k]) for k in trunk)
+    assert cs["head.4.weight"].shape[0] == 2 * len(labels)
+    cfg = json.loads((child / "config.json").read_text())
+    assert cfg["init_from"]["labels"] == LABELS and cfg["init_from"]["freeze_epochs"] == 2
+    assert cfg["labels"] == labels
+    # the label standardisation is refitted on the new labels
+    y = tr.y[:, [tr.elements.index(lab) for lab in labels]]
+    np.testing.assert_allclose(cfg["label_mean"], np.nanmean(y, axis=0), rtol=1e-5)
+    # after the frozen epochs the trunk trains too
+    free = tmp_path / "free"
+    train(tr, va, labels, default_config("rescnn"), small_config(epochs=2, freeze_epochs=1), free,
+          init_from=parent_dir)  # fmt: skip
+    fs = load_model(free).model.state_dict()
+    assert any(not torch.equal(ps[k], fs[k]) for k in trunk if k.endswith("weight"))
+    with pytest.raises(ConfigError, match="init_from"):
+        train(tr, va, labels, default_config("rescnn_small"), small_config(freeze_epochs=1), tmp_path / "x")
+
+
+def test_training_losses_fit_the_mean_and_keep_the_variance() -> None:
+    """beta-NLL and the MSE-for-the-mean loss: masked like the NLL; the MSE loss's mean gradient does not
+    depend on the predicted variance, while the NLL's is divided by it."""
+    from specabund.training.loss import beta_nll, mse_detached_nll, training_loss
+
+    t = torch.tensor([[1.0, float("nan")], [0.0, 2.0]])
+    for lv0 in (-2.0, 3.0):
+        mean = torch.zeros(2, 2, requires_grad=True)
+        logvar = torch.full((2, 2), lv0, requires_grad=True)
+        mse_detached_nll(mean, logvar, t).backward()
+        assert mean.grad is not None and logvar.grad is not None
+        np.testing.assert_allclose(mean.grad.numpy(), [[-2 / 3, 0.0], [0.0, -4 / 3]], rtol=1e-6)
+        # the variance part is minimised at logvar = log(squared error)
+        assert float(logvar.grad[0, 0]) == pytest.approx(0.5 * (1 - np.exp(-lv0)) / 3, rel=1e-5)
+    mean = torch.zeros(2, 2, requires_grad=True)
+    logvar = torch.full((2, 2), 3.0, requires_grad=True)
+    gaussian_nll(mean, logvar, t).backward()
+    assert mean.grad is not None
+    assert float(mean.grad[0, 0]) == pytest.approx(-np.exp(-3.0) / 3, rel=1e-5)
+    # beta = 1 gives the mean the squared-error gradient (up to the factor 1/2), whatever the variance
+    mean = torch.zeros(2, 2, requires_grad=True)
+    beta_nll(mean, torch.full((2, 2), 3.0), t, beta=1.0).backward()
+    assert mean.grad is not None
+    assert float(mean.grad[0, 0]) == pytest.approx(-1 / 3, rel=1e-5)
+    assert float(training_loss("nll", torch.zeros(2, 2), torch.zeros(2, 2), t)) == pytest.approx(
+        float(gaussian_nll(torch.zeros(2, 2), torch.zeros(2, 2), t))
+    )
+    with pytest.raises(ValueError):
+        training_loss("l1", torch.zeros(2, 2), torch.zeros(2, 2), t)

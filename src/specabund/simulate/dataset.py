@@ -80,6 +80,7 @@ def simulate_dataset(
     layout: str = "mixed",
     gzip: bool = False,
     independent: bool = False,
+    permuted: bool = False,
     prediction_fraction: float = 0.2,
     n_workers: int = 1,
     repeat_fraction: float = 0.05,
@@ -110,6 +111,10 @@ def simulate_dataset(
         Write ``.fits.gz``.
     independent : bool
         Draw labels independently and uniformly (see :func:`specabund.simulate.draw_labels`).
+    permuted : bool
+        Draw Galactic-looking labels, then shuffle each ``X_FE`` column independently across the stars:
+        the same marginal distributions, but no correlation with Teff, logg, [Fe/H] or each other (the
+        test set of ``benchmarks/leakage.py``: a model that reads [X/Fe] off correlated lines fails it).
     prediction_fraction : float
         Fraction of the stars that go to the prediction catalogue.
     n_workers : int
@@ -141,7 +146,12 @@ def simulate_dataset(
     rng = np.random.default_rng(label_seq)
     n_repeat = round(repeat_fraction * n) if n >= 4 else 0
     n_stars = n - n_repeat
+    if independent and permuted:
+        raise ValueError("independent and permuted exclude each other")
     labels = draw_labels(n_stars, rng, independent=independent)
+    if permuted:
+        for col in [c for c in labels.columns if c.endswith("_FE")]:
+            labels[col] = rng.permutation(labels[col].to_numpy())
     star_rv = rng.normal(0.0, 45.0, n_stars)
     star_of_file = np.concatenate([np.arange(n_stars), rng.choice(n_stars, n_repeat, replace=False)])
     in_prediction = rng.uniform(size=n_stars) < prediction_fraction
@@ -219,6 +229,7 @@ def simulate_dataset(
         "layouts": {k: int(v) for k, v in files["layout"].value_counts().items()},
         "gzip": gzip,
         "independent": independent,
+        "permuted": permuted,
         "seed": seed,
         "output_dir": str(out),
         "fits_dir": str(fits_dir),

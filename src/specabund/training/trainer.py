@@ -109,6 +109,9 @@ class TrainConfig:
         The exponent of ``'beta_nll'``.
     mse_warmup_epochs : int
         First epochs trained on the masked MSE of the means before switching to ``loss``.
+    freeze_epochs : int
+        With ``train(..., init_from=RUN)``: the first epochs train only the head (the convolutional trunk
+        taken from the parent run is frozen, its batch-norm statistics too), then everything.
     augment : AugmentConfig
         Augmentation probabilities and strengths.
     seed : int
@@ -140,6 +143,7 @@ class TrainConfig:
     loss: str = "nll"
     beta: float = 0.5
     mse_warmup_epochs: int = 0
+    freeze_epochs: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     seed: int = 0
     num_threads: int = 0
@@ -161,6 +165,8 @@ class TrainConfig:
             raise ConfigError("learning_rate must be > 0 and weight_decay >= 0")
         if self.early_stopping < 0 or self.grad_clip < 0 or self.mse_warmup_epochs < 0:
             raise ConfigError("early_stopping, grad_clip and mse_warmup_epochs must be >= 0")
+        if self.freeze_epochs < 0:
+            raise ConfigError(f"freeze_epochs must be >= 0, got {self.freeze_epochs}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss {self.loss!r} not in {LOSSES}")
         if not 0.0 <= self.beta <= 1.0:
@@ -405,6 +411,7 @@ def train(
     overwrite: bool = False,
     name: str | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train a network and save it as a run folder (see :mod:`specabund.training.saved`).
 
@@ -440,6 +447,13 @@ def train(
     extra_config : mapping, optional
         JSON-serialisable entries added to ``config.json`` (e.g. ``preprocess_options`` so that prediction
         can preprocess raw FITS files exactly like the training data). Not part of the resume fingerprint.
+    init_from : path, optional
+        A trained run folder (e.g. a model trained on simulated spectra) to start from: its architecture
+        replaces ``model_config``, every weight whose name and shape match is copied (the whole network
+        when the labels are the same; the trunk and the head's hidden layer when they differ, with a new
+        output layer), the label standardisation is refitted on the new labels, and
+        ``train_config.freeze_epochs`` first epochs train only the head. ``config.json`` records the
+        parent (``init_from``: folder, labels, weights hash).
 
     Returns
     -------
@@ -464,10 +478,19 @@ def train(
     if cfg.amp and dev.type != "cuda":
         logger.info("amp requested on %s: mixed precision is used on CUDA only; training in float32", dev)
 
+    parent: dict[str, Any] | None = None
+    if init_from is not None:
+        parent = _parent_run(Path(init_from), dataset_train)
+        model_config = parent["model_config"]
+    elif cfg.freeze_epochs:
+        raise ConfigError("freeze_epochs needs a parent run to start from (init_from)")
+
     Xt, vt, yt = _prepare_split(dataset_train, labels, "training")
     Xv, vv, yv = _prepare_split(dataset_val, labels, "validation")
     scaler = LabelScaler.fit(yt, labels)
     hashes = {"train_data_hash": data_hash(Xt, vt, yt), "val_data_hash": data_hash(Xv, vv, yv)}
+    if parent is not None:
+        hashes["init_from_weights"] = parent["weights_sha256"]
     fingerprint = _fingerprint(model_config, cfg, labels, hashes)
 
     ckpt_path = run_dir / CHECKPOINT_FILE
@@ -503,7 +526,73 @@ def train(
             progress=progress,
             name=name,
             extra_config=dict(extra_config or {}),
+            parent=parent,
         )
+
+
+def _parent_run(run_dir: Path, dataset: Dataset) -> dict[str, Any]:
+    """Weights, architecture and provenance of the run to fine-tune from (must fit the data's grid)."""
+    from ..utils import hash_file
+    from .saved import LoadedModel, load_model
+
+    loaded = load_model(run_dir, "cpu")
+    if not isinstance(loaded, LoadedModel):
+        raise ConfigError(
+            f"{run_dir}: fine-tuning starts from a single model, not an ensemble (use a member)"
+        )
+    if int(loaded.grid["n"]) != dataset.n_pixels:
+        raise DataMismatchError(
+            f"{run_dir}: the parent model reads {loaded.grid['n']} pixels, the data have {dataset.n_pixels}; "
+            "preprocess the data with the parent's wavelength grid"
+        )
+    return {
+        "model_config": loaded.model_config,
+        "state": {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()},
+        "labels": list(loaded.labels),
+        "weights_sha256": hash_file(loaded.run_dir / WEIGHTS_FILE),
+        "run_dir": str(loaded.run_dir),
+        "preprocess_hash": loaded.preprocess_hash,
+    }
+
+
+def _load_parent_weights(model: nn.Module, parent: dict[str, Any], labels: list[str]) -> list[str]:
+    """Copy the parent's weights whose names and shapes match; returns the names copied.
+
+    With other labels than the parent's, the output layer (last head layer) is left freshly initialised
+    even if its shape happens to match, since its rows mean other labels.
+    """
+    own = model.state_dict()
+    head_out = _output_layer_prefix(model)
+    same_labels = list(parent["labels"]) == list(labels)
+    copied = {}
+    for k, v in parent["state"].items():
+        if k not in own or own[k].shape != v.shape:
+            continue
+        if not same_labels and head_out is not None and k.startswith(head_out):
+            continue
+        copied[k] = v
+    model.load_state_dict({**own, **copied})
+    return sorted(copied)
+
+
+def _output_layer_prefix(model: nn.Module) -> str | None:
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    return f"{last}." if last else None
+
+
+def _set_trunk_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or release) every parameter outside ``model.head``; frozen batch norms use their stored
+    statistics (eval mode) so that the parent's normalisation is kept."""
+    for name, p in model.named_parameters():
+        if not name.startswith("head."):
+            p.requires_grad_(not frozen)
+    if frozen:
+        for name, m in model.named_modules():
+            if not name.startswith("head") and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _train_loop(
@@ -526,6 +615,7 @@ def _train_loop(
     progress: bool,
     name: str,
     extra_config: dict[str, Any],
+    parent: dict[str, Any] | None = None,
 ) -> TrainResult:
     # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
     # initialisation and dropout reproducible from the config seed.
@@ -535,7 +625,24 @@ def _train_loop(
     aug_gen = torch.Generator().manual_seed(int(seeds[1]))
 
     n_pixels = int(train_np[0].shape[1])
-    model = build_model(model_config, n_pixels, len(labels)).to(dev)
+    model = build_model(model_config, n_pixels, len(labels))
+    if parent is not None:
+        copied = _load_parent_weights(model, parent, labels)
+        logger.info(
+            "initialised %d of %d tensors from %s", len(copied), len(model.state_dict()), parent["run_dir"]
+        )
+        extra_config = {
+            **extra_config,
+            "init_from": {
+                "run_dir": parent["run_dir"],
+                "labels": parent["labels"],
+                "weights_sha256": parent["weights_sha256"],
+                "preprocess_hash": parent["preprocess_hash"],
+                "tensors_copied": len(copied),
+                "freeze_epochs": cfg.freeze_epochs,
+            },
+        }
+    model = model.to(dev)
     optimizer = _make_optimizer(model, cfg)
     steps = _steps_per_epoch(len(train_np[0]), cfg.batch_size)
     scheduler = _make_scheduler(optimizer, cfg, steps)
@@ -593,6 +700,8 @@ def _train_loop(
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             model.train()
+            freeze = parent is not None and epoch <= cfg.freeze_epochs
+            _set_trunk_frozen(model, freeze)
             use_mse = epoch <= cfg.mse_warmup_epochs
             loss_sum, loss_n = 0.0, 0
             for idx in _batches(n_train, cfg.batch_size, shuffle_gen):
