@@ -475,3 +475,26 @@ def test_training_losses_fit_the_mean_and_keep_the_variance() -> None:
     )
     with pytest.raises(ValueError):
         training_loss("l1", torch.zeros(2, 2), torch.zeros(2, 2), t)
+
+
+def test_label_errors_add_to_the_predicted_variance(data: Dataset, tmp_path: Path) -> None:
+    """sigma^2 = sigma_model^2 + sigma_label^2: a very noisy label barely pulls the mean; NaN = unknown."""
+    t = torch.tensor([[1.0, 1.0]])
+    lv = torch.zeros(1, 2)
+    var = torch.tensor([[0.0, 3.0]])
+    got = gaussian_nll(torch.zeros(1, 2), lv, t, label_var=var)
+    want = (0.5 * (0.0 + 1.0) + 0.5 * (np.log(4.0) + 1.0 / 4.0)) / 2
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    nan_var = torch.tensor([[float("nan"), float("nan")]])
+    assert float(gaussian_nll(torch.zeros(1, 2), lv, t, label_var=nan_var)) == pytest.approx(
+        float(gaussian_nll(torch.zeros(1, 2), lv, t))
+    )
+    mean = torch.zeros(1, 2, requires_grad=True)
+    gaussian_nll(mean, lv, t, label_var=torch.tensor([[0.0, 1e4]])).backward()
+    assert mean.grad is not None and abs(float(mean.grad[0, 1])) < 1e-3 * abs(float(mean.grad[0, 0]))
+    # the trainer reads Dataset.y_err (hashed into the run, so a resume with other errors is refused)
+    tr, va = data.split_subset("train"), data.split_subset("val")
+    tr.y_err = np.full_like(tr.y, 0.05)
+    res = train(tr, va, LABELS, default_config("rescnn_small"), small_config(epochs=1), tmp_path / "e")
+    assert "train_label_err_hash" in json.loads((tmp_path / "e" / "config.json").read_text())
+    assert res.epochs_run == 1

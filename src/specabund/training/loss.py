@@ -10,12 +10,29 @@ def _masked(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, torch.where(mask, target, torch.zeros_like(target))
 
 
+def _total_var(lv: torch.Tensor, label_var: torch.Tensor | None) -> torch.Tensor:
+    """Predicted variance plus the catalogue's label variance (NaN = unknown = 0)."""
+    var = torch.exp(lv)
+    if label_var is None:
+        return var
+    return var + torch.nan_to_num(label_var.float(), nan=0.0).clamp(min=0.0)
+
+
+def _half_nll(lv: torch.Tensor, sq: torch.Tensor, label_var: torch.Tensor | None) -> torch.Tensor:
+    """``0.5 (log sigma^2 + sq / sigma^2)`` with ``sigma^2 = exp(lv) (+ label_var)``."""
+    if label_var is None:
+        return 0.5 * (lv + sq * torch.exp(-lv))
+    var = _total_var(lv, label_var)
+    return 0.5 * (torch.log(var) + sq / var)
+
+
 def gaussian_nll(
     mean: torch.Tensor,
     logvar: torch.Tensor,
     target: torch.Tensor,
     logvar_min: float = -10.0,
     logvar_max: float = 6.0,
+    label_var: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Heteroscedastic Gaussian negative log-likelihood averaged over the present labels.
 
@@ -29,6 +46,10 @@ def gaussian_nll(
         ``(batch, labels)``; ``target`` may hold NaN for missing labels.
     logvar_min, logvar_max : float
         Clamp of the log-variance.
+    label_var : torch.Tensor, optional
+        ``(batch, labels)`` variance of the catalogue labels themselves (standardised units; NaN =
+        unknown): the likelihood uses ``sigma^2 = sigma_model^2 + sigma_label^2``, so noisy labels neither
+        pull the mean as hard nor inflate the predicted uncertainty.
 
     Returns
     -------
@@ -37,7 +58,7 @@ def gaussian_nll(
     """
     mask, t = _masked(target)
     lv = logvar.float().clamp(logvar_min, logvar_max)
-    per = 0.5 * (lv + (t - mean.float()) ** 2 * torch.exp(-lv))
+    per = _half_nll(lv, (t - mean.float()) ** 2, label_var)
     per = torch.where(mask, per, torch.zeros_like(per))
     return per.sum() / mask.sum().clamp(min=1)
 
@@ -56,6 +77,7 @@ def beta_nll(
     beta: float = 0.5,
     logvar_min: float = -10.0,
     logvar_max: float = 6.0,
+    label_var: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """beta-NLL (Seitzer et al. 2022): the Gaussian NLL of each entry weighted by ``sigma**(2 beta)``.
 
@@ -65,8 +87,8 @@ def beta_nll(
     """
     mask, t = _masked(target)
     lv = logvar.float().clamp(logvar_min, logvar_max)
-    per = 0.5 * (lv + (t - mean.float()) ** 2 * torch.exp(-lv))
-    per = per * torch.exp(beta * lv).detach()
+    per = _half_nll(lv, (t - mean.float()) ** 2, label_var)
+    per = per * (_total_var(lv, label_var) ** beta).detach()
     per = torch.where(mask, per, torch.zeros_like(per))
     return per.sum() / mask.sum().clamp(min=1)
 
@@ -77,6 +99,7 @@ def mse_detached_nll(
     target: torch.Tensor,
     logvar_min: float = -10.0,
     logvar_max: float = 6.0,
+    label_var: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared error for the mean plus the Gaussian NLL of the variance around the *detached* mean.
 
@@ -88,7 +111,7 @@ def mse_detached_nll(
     m = mean.float()
     lv = logvar.float().clamp(logvar_min, logvar_max)
     sq = (t - m) ** 2
-    per = sq + 0.5 * (lv + sq.detach() * torch.exp(-lv))
+    per = sq + _half_nll(lv, sq.detach(), label_var)
     per = torch.where(mask, per, torch.zeros_like(per))
     return per.sum() / mask.sum().clamp(min=1)
 
@@ -104,13 +127,14 @@ def training_loss(
     logvar_min: float = -10.0,
     logvar_max: float = 6.0,
     beta: float = 0.5,
+    label_var: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss ``kind``: ``'nll'`` (:func:`gaussian_nll`), ``'beta_nll'`` (:func:`beta_nll`)
     or ``'mse'`` (:func:`mse_detached_nll`: squared error for the mean, NLL for the variance)."""
     if kind == "nll":
-        return gaussian_nll(mean, logvar, target, logvar_min, logvar_max)
+        return gaussian_nll(mean, logvar, target, logvar_min, logvar_max, label_var)
     if kind == "beta_nll":
-        return beta_nll(mean, logvar, target, beta, logvar_min, logvar_max)
+        return beta_nll(mean, logvar, target, beta, logvar_min, logvar_max, label_var)
     if kind == "mse":
-        return mse_detached_nll(mean, logvar, target, logvar_min, logvar_max)
+        return mse_detached_nll(mean, logvar, target, logvar_min, logvar_max, label_var)
     raise ValueError(f"unknown loss {kind!r}; one of {LOSSES}")

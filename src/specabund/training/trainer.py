@@ -107,6 +107,10 @@ class TrainConfig:
         :mod:`specabund.training.loss`. The validation value of the same loss selects the best epoch.
     beta : float
         The exponent of ``'beta_nll'``.
+    use_label_errors : bool
+        Where the dataset carries catalogue errors of the labels (``Dataset.y_err``), the likelihood uses
+        ``sigma^2 = sigma_model^2 + sigma_label^2``: the predicted variance is the model's own, and noisy
+        labels count for less.
     mse_warmup_epochs : int
         First epochs trained on the masked MSE of the means before switching to ``loss``.
     freeze_epochs : int
@@ -142,6 +146,7 @@ class TrainConfig:
     plateau_patience: int = 5
     loss: str = "nll"
     beta: float = 0.5
+    use_label_errors: bool = True
     mse_warmup_epochs: int = 0
     freeze_epochs: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -228,6 +233,19 @@ class _Tensors:
     ivar: torch.Tensor
     y: torch.Tensor  # standardised, NaN for missing
     y_phys: np.ndarray
+    label_var: torch.Tensor | None = None  # standardised catalogue variance of the labels, NaN unknown
+
+
+def _label_errors(ds: Dataset, labels: list[str], what: str) -> np.ndarray | None:
+    """Catalogue errors of ``labels`` (rows with any label kept, as in :func:`_prepare_split`), or None."""
+    if ds.y_err is None:
+        return None
+    y = select_labels(ds.y, ds.elements, labels)
+    e = select_labels(ds.y_err, ds.elements, labels)[np.isfinite(y).any(axis=1)]
+    if not np.isfinite(e).any():
+        return None
+    logger.info("%s: catalogue errors for %d of %d label values", what, int(np.isfinite(e).sum()), e.size)
+    return np.where(np.isfinite(e) & (e >= 0), e, np.nan).astype(np.float32)
 
 
 def _prepare_split(ds: Dataset, labels: list[str], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -244,13 +262,22 @@ def _prepare_split(ds: Dataset, labels: list[str], what: str) -> tuple[np.ndarra
 
 
 def _to_tensors(
-    X: np.ndarray, ivar: np.ndarray, y: np.ndarray, scaler: LabelScaler, dev: torch.device
+    X: np.ndarray,
+    ivar: np.ndarray,
+    y: np.ndarray,
+    scaler: LabelScaler,
+    dev: torch.device,
+    err: np.ndarray | None = None,
 ) -> _Tensors:
+    label_var = None
+    if err is not None:
+        label_var = torch.from_numpy(((err / scaler.std) ** 2).astype(np.float32)).to(dev)
     return _Tensors(
         X=torch.from_numpy(X).to(dev),
         ivar=torch.from_numpy(ivar).to(dev),
         y=torch.from_numpy(scaler.transform(y)).to(dev),
         y_phys=y.astype(np.float64),
+        label_var=label_var,
     )
 
 
@@ -342,11 +369,12 @@ def _evaluate_split(
             data.ivar[s : s + cfg.eval_batch_size],
             data.y[s : s + cfg.eval_batch_size],
         )
+        eb = data.label_var[s : s + cfg.eval_batch_size] if data.label_var is not None else None
         with _autocast(cfg, dev):
             mu, lv = model(prepare_input(xb, vb, in_channels))
         mu, lv = mu.float(), lv.float()
         k = int(torch.isfinite(yb).sum())
-        total += float(training_loss(cfg.loss, mu, lv, yb, beta=cfg.beta)) * k
+        total += float(training_loss(cfg.loss, mu, lv, yb, beta=cfg.beta, label_var=eb)) * k
         count += k
         mus.append(mu.double().cpu().numpy())
         lvs.append(lv.double().cpu().numpy())
@@ -489,6 +517,12 @@ def train(
     Xv, vv, yv = _prepare_split(dataset_val, labels, "validation")
     scaler = LabelScaler.fit(yt, labels)
     hashes = {"train_data_hash": data_hash(Xt, vt, yt), "val_data_hash": data_hash(Xv, vv, yv)}
+    et = ev = None
+    if cfg.use_label_errors:
+        et = _label_errors(dataset_train, labels, "training")
+        ev = _label_errors(dataset_val, labels, "validation")
+        if et is not None:
+            hashes["train_label_err_hash"] = data_hash(et[:, :1], et[:, :1], et)
     if parent is not None:
         hashes["init_from_weights"] = parent["weights_sha256"]
     fingerprint = _fingerprint(model_config, cfg, labels, hashes)
@@ -515,6 +549,7 @@ def train(
             dev=dev,
             train_np=(Xt, vt, yt),
             val_np=(Xv, vv, yv),
+            errors=(et, ev),
             scaler=scaler,
             hashes=hashes,
             fingerprint=fingerprint,
@@ -616,6 +651,7 @@ def _train_loop(
     name: str,
     extra_config: dict[str, Any],
     parent: dict[str, Any] | None = None,
+    errors: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> TrainResult:
     # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
     # initialisation and dropout reproducible from the config seed.
@@ -649,8 +685,8 @@ def _train_loop(
     use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "fp16"
     grad_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     augmenter = Augmenter(cfg.augment, wavelength)
-    train_t = _to_tensors(*train_np, scaler, dev)
-    val_t = _to_tensors(*val_np, scaler, dev)
+    train_t = _to_tensors(*train_np, scaler, dev, errors[0])
+    val_t = _to_tensors(*val_np, scaler, dev, errors[1])
 
     history: list[dict[str, Any]] = []
     best_val = math.inf
@@ -708,13 +744,21 @@ def _train_loop(
                 idx_d = idx.to(dev)
                 xb, vb = augmenter(train_t.X[idx_d], train_t.ivar[idx_d], aug_gen)
                 yb = train_t.y[idx_d]
+                eb = train_t.label_var[idx_d] if train_t.label_var is not None else None
                 with _autocast(cfg, dev):
                     mu, lv = model(prepare_input(xb, vb, in_ch))
                 loss = (
                     masked_mse(mu, yb)
                     if use_mse
                     else training_loss(
-                        cfg.loss, mu, lv, yb, model_config.logvar_min, model_config.logvar_max, cfg.beta
+                        cfg.loss,
+                        mu,
+                        lv,
+                        yb,
+                        model_config.logvar_min,
+                        model_config.logvar_max,
+                        cfg.beta,
+                        label_var=eb,
                     )
                 )
                 optimizer.zero_grad(set_to_none=True)
