@@ -129,12 +129,16 @@ def test_catalog_errors(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match=r"nospec.csv: no 'spec' column"):
         read_catalog(csv)
     csv2 = tmp_path / "nolabels.csv"
-    csv2.write_text("spec,teff\na,5000\n")
-    with pytest.raises(
-        CatalogError, match=r"nolabels.csv: a reference catalogue needs at least one \[X/Fe\]"
-    ):
+    csv2.write_text("spec,designation,vmic\na,J1,1.2\n")
+    with pytest.raises(CatalogError, match=r"nolabels.csv: a reference catalogue needs at least one label"):
         read_catalog(csv2)
     assert read_catalog(csv2, require_labels=False).elements == []  # prediction: labels optional
+    assert read_catalog(csv2, ["vmic"]).elements == ["VMIC"]  # any numeric column the user names
+    with pytest.raises(CatalogError, match=r"column 'designation' \(label DESIGNATION\) holds no numbers"):
+        read_catalog(csv2, ["designation"])
+    params = tmp_path / "params.csv"
+    params.write_text("spec,teff\na,5000\n")
+    assert read_catalog(params).elements == ["TEFF"]  # stellar parameters alone are labels to learn
     only_spec = tmp_path / "pred.csv"
     only_spec.write_text("spec\na\nb\n")
     assert len(read_catalog(only_spec, ["C_FE"], require_labels=False).table) == 2
@@ -178,3 +182,21 @@ def test_match_rules(tmp_path: Path) -> None:
     assert [f.name for f in m.unmatched_files] == ["extra.fits"]
     s = m.summary()
     assert s["matched"] == 3 and s["unmatched_rows"] == 4 and s["unmatched_files"] == 1
+
+
+def test_match_survives_symlink_loops(tmp_path: Path) -> None:
+    from specabund.catalog import unreadable_reason
+
+    fits_dir, files = _fits_dir(tmp_path, ["good.fits"])
+    (fits_dir / "loop.fits").symlink_to("loop.fits")
+    (fits_dir / "sub").mkdir()
+    (fits_dir / "sub" / "a.fits").symlink_to("b.fits")
+    (fits_dir / "sub" / "b.fits").symlink_to("a.fits")
+    files = [*files, fits_dir / "loop.fits", fits_dir / "sub" / "a.fits", fits_dir / "sub" / "b.fits"]
+    csv = tmp_path / "X_FE.csv"
+    csv.write_text("spec,C_FE\ngood,0.1\nloop.fits,0.2\nsub/a.fits,0.3\n")
+    m = match_catalog(read_catalog(csv), files, fits_dir)
+    assert [f.name for f in m.files] == ["good.fits", "loop.fits", "a.fits"]
+    assert [f.name for f in m.unmatched_files] == ["b.fits"]
+    assert unreadable_reason(fits_dir / "good.fits") is None
+    assert "symbolic links" in str(unreadable_reason(fits_dir / "loop.fits"))

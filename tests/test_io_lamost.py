@@ -415,6 +415,8 @@ def test_iter_fits_files(tmp_path: Path) -> None:
 @pytest.mark.shared
 def test_iter_fits_files_on_real_folders(lamost_dir: Path) -> None:
     files = iter_fits_files(lamost_dir)
-    assert len(files) == sum(FOLDERS.values())
+    # dr10-lasp/fits holds 1176 more (the real label-transfer set)
+    assert len(files) == sum(FOLDERS.values()) + len(iter_fits_files(lamost_dir / "dr10-lasp"))
+    assert len(iter_fits_files(lamost_dir / "dr10-lasp")) == 1176
     assert all(p.suffix in {".fits", ".gz"} for p in files)
     assert len(iter_fits_files(lamost_dir, pattern="spec-55862-*")) == 20

@@ -231,3 +231,129 @@ def test_real_lamost_files_preprocess(lamost_dir: Path, tmp_path: Path) -> None:
     # of a normalised FGK spectrum lies at 0.95-1.0 (lines pull it down by a few per cent)
     assert np.all(np.abs(med - 0.985) < 0.04), med
     assert m["counts"]["prediction"]["matched_files"] == len(files)
+
+
+# ------------------------------------------------------------------------ catalogue values, y_err, bad paths
+
+
+def test_y_err_and_masking_in_every_output(straight: Path) -> None:
+    manifest = json.loads((straight / "manifest.json").read_text())
+    for name in OUTPUTS:
+        with np.load(straight / f"{name}_dataset.npz", allow_pickle=False) as z:
+            assert z["y_err"].shape == z["y"].shape and z["y_err"].dtype == np.float32, name
+            assert np.isnan(z["y_err"]).all()  # the simulated catalogues carry no error columns
+    assert set(manifest["label_masking"]) == {"reference", "prediction"}
+    assert manifest["label_masking"]["reference"]["MG_FE"] == {
+        "non_numeric": 0,
+        "sentinel": 0,
+        "implausible": 0,
+        "flag": 0,
+    }
+    assert manifest["settings"]["catalog_rules"]["flag_policy"] == "mask"
+    assert "Catalogue values masked" in (straight / "validation" / "validation_report.txt").read_text()
+
+
+def _copy_fits(sim: Path, dest: Path, n: int) -> list[str]:
+    dest.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in (sim / "fits").iterdir() if p.name.endswith(".fits"))[:n]
+    for name in names:
+        (dest / name).write_bytes((sim / "fits" / name).read_bytes())
+    return names
+
+
+def test_symlink_loops_are_rejected_rows(sim: Path, tmp_path: Path) -> None:
+    fits = tmp_path / "fits"
+    names = _copy_fits(sim, fits, 3)
+    (fits / "loop_a.fits").symlink_to("loop_b.fits")
+    (fits / "loop_b.fits").symlink_to("loop_a.fits")
+    (fits / "sub").mkdir()
+    (fits / "sub" / "self.fits").symlink_to("self.fits")
+    (fits / "dangling.fits").symlink_to("nowhere.fits")
+    cat = pd.read_csv(sim / "truth.csv").set_index("spec").loc[names].reset_index()[["spec", "MG_FE"]]
+    cat = pd.concat([cat, pd.DataFrame({"spec": ["sub/self.fits"], "MG_FE": [0.1]})], ignore_index=True)
+    cat.to_csv(tmp_path / "X_FE.csv", index=False)
+    out = tmp_path / "out"
+    m = run_preprocess(fits_dir=fits, output_dir=out, reference_csv=tmp_path / "X_FE.csv")
+    rej = pd.read_csv(out / "rejected.csv", dtype={"spec": str}).set_index("spec")
+    for key in ("loop_a", "loop_b", "sub/self.fits", "dangling"):
+        assert rej.loc[key, "reason"].startswith("unreadable"), rej
+    assert rej.loc["sub/self.fits", "set"] == "reference"  # named by a row: an unreadable spectrum of the set
+    assert "symbolic links" in rej.loc["loop_a", "reason"]
+    assert m["counts"]["reference"]["kept"] == len(load_dataset(out / "reference_dataset.npz")) == 3
+
+
+def test_empty_or_unmatched_catalogue_is_a_clear_error(sim: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from specabund.cli import main
+    from specabund.errors import CatalogError
+
+    (tmp_path / "empty.csv").write_text("spec,MG_FE\n")
+    (tmp_path / "nomatch.csv").write_text("spec,MG_FE\nnot-a-file.fits,0.1\nalso-missing,0.2\n")
+    out = tmp_path / "out"
+    with pytest.raises(CatalogError, match=r"empty.csv: the reference catalogue has no rows"):
+        run_preprocess(fits_dir=sim / "fits", output_dir=out, reference_csv=tmp_path / "empty.csv")
+    with pytest.raises(CatalogError, match=r"nomatch.csv: none of the 2 rows .* matches one of the 90"):
+        run_preprocess(fits_dir=sim / "fits", output_dir=out, prediction_csv=tmp_path / "nomatch.csv")
+    assert not out.exists()
+    args = ["--workdir", str(tmp_path), "preprocess", "--fits-dir", str(sim / "fits"), "--output-dir", "o"]
+    r = CliRunner().invoke(main, [*args, "--reference-csv", str(tmp_path / "empty.csv")])
+    assert r.exit_code == 1 and "has no rows" in r.output and "Traceback" not in r.output
+    assert len([ln for ln in r.output.splitlines() if "Error" in ln]) == 1
+    assert not (tmp_path / "o" / "cache").exists()
+
+
+def test_implausible_values_are_masked_or_rejected(sim: Path, tmp_path: Path) -> None:
+    from astropy.io import fits as afits
+
+    fits = tmp_path / "fits"
+    names = _copy_fits(sim, fits, 5)
+    afits.setval(fits / names[2], "Z", value=-1.0)  # z = -1: no usable header velocity
+    afits.setval(fits / names[3], "Z", value=-1.0)
+    afits.setval(fits / names[4], "Z", value="NaN")
+    truth = pd.read_csv(sim / "truth.csv").set_index("spec").loc[names].reset_index()
+    cat = truth[["spec", "teff", "logg", "fe_h", "MG_FE", "CA_FE"]].copy()
+    cat["MG_FE_ERR"] = [0.05, -0.01, 0.05, 0.05, 0.05]
+    cat["rv"] = [9999.0, np.nan, np.nan, truth["rv"][3], np.nan]
+    cat.loc[1, ["teff", "MG_FE"]] = [-9999.0, -999.0]
+    cat.to_csv(tmp_path / "X_FE.csv", index=False)
+    out = tmp_path / "out"
+    m = run_preprocess(fits_dir=fits, output_dir=out, reference_csv=tmp_path / "X_FE.csv")
+    rej = pd.read_csv(out / "rejected.csv", dtype={"spec": str}).set_index("spec")
+    assert rej.loc[names[2], "reason"].startswith("no_valid_rv: no catalogue rv and header Z = -1")
+    assert rej.loc[names[4], "reason"].startswith("no_valid_rv: no catalogue rv and header Z is missing")
+    ds = load_dataset(out / "reference_dataset.npz")
+    by_spec = {s: i for i, s in enumerate(ds.spec)}
+    src = ds.extra["rv_source"]
+    assert src[by_spec[names[0]]] == "header_z"  # rv = 9999 km/s ignored, header Z used
+    assert src[by_spec[names[3]]] == "csv_rv"  # header Z = -1 does not matter with a catalogue rv
+    i1, j = by_spec[names[1]], ds.label_index("MG_FE")
+    assert np.isnan(ds.teff[i1]) and np.isnan(ds.y[i1, ds.label_index("TEFF")]) and np.isnan(ds.y[i1, j])
+    assert ds.y_err[by_spec[names[0]], j] == pytest.approx(0.05) and np.isnan(ds.y_err[i1, j])
+    masking = m["label_masking"]["reference"]
+    assert masking["rv"]["implausible"] == 1 and masking["TEFF"]["sentinel"] == 1
+    assert masking["MG_FE"]["sentinel"] == 1 and masking["MG_FE_err"]["implausible"] == 1
+    assert m["label_columns"]["reference"]["MG_FE"] == {"value": "MG_FE", "error": "MG_FE_ERR"}
+    assert m["rejected_by_reason"] == {"no_valid_rv": 2}
+
+
+def test_lasp_catalogue_without_abundances_via_cli(lamost_dir: Path, tmp_path: Path) -> None:
+    """The real DR10 LASP sample (teff, logg, fe_h only) preprocesses into a Teff/logg/[Fe/H] dataset."""
+    from click.testing import CliRunner
+
+    from specabund.cli import main
+
+    src = lamost_dir / "dr10-lasp"
+    labels = pd.read_csv(src / "lasp_labels.csv").iloc[:24]
+    fits = tmp_path / "fits"
+    fits.mkdir()
+    for name in labels["spec"]:
+        (fits / name).symlink_to(src / "fits" / name)
+    labels.to_csv(tmp_path / "lasp_labels.csv", index=False)
+    args = ["--workdir", str(tmp_path), "preprocess", "--reference-csv", str(tmp_path / "lasp_labels.csv")]
+    r = CliRunner().invoke(main, [*args, "--fits-dir", "fits", "--output-dir", "out", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    ds = load_dataset(tmp_path / "out" / "reference_dataset.npz")
+    assert ds.elements == ["TEFF", "LOGG", "FE_H"] and len(ds) >= 20
+    np.testing.assert_allclose(ds.y[:, 0], ds.teff)
+    assert np.isnan(ds.y_err).all()

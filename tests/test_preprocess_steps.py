@@ -429,10 +429,15 @@ def test_preprocess_spectrum_rejections_never_raise():
     res = S.preprocess_spectrum(spec, OPTS)
     assert res.status == "too_few_pixels"
     spec, _ = make_spectrum(50.0, np.random.default_rng(4))
-    spec.flux[:1200] = -np.abs(spec.flux[:1200])  # a broken blue end: the continuum goes negative there
+    spec.flux[:1200] = -np.abs(spec.flux[:1200])  # a broken blue end: masked (ivar 0), not a rejection
     res = S.preprocess_spectrum(spec, OPTS)
-    assert res.status.startswith("continuum_failed: ") and res.status != "continuum_failed: "
-    assert np.all(res.ivar == 0) and np.all(res.flux == 1)
+    assert res.status == "ok" and 4750.0 < res.metadata["continuum_blue_end_wave"] < 4900.0
+    assert np.all(res.ivar[res.wavelength < 4750.0] == 0) and np.all(res.continuum > 0)
+    spec, _ = make_spectrum(50.0, np.random.default_rng(4))
+    spec.ivar[np.r_[:1500, 1560 : spec.ivar.size]] = 0.0  # no continuum at all (earlier check off): rejected
+    res = S.preprocess_spectrum(spec, PreprocessOptions(min_good_fraction=0.0))
+    assert res.status.startswith("continuum_failed: too few usable pixels")
+    assert np.all(res.ivar == 0) and np.all(res.flux == 1) and np.all(np.isnan(res.continuum))
     with pytest.raises(ConfigError, match="template"):
         S.preprocess_spectrum(spec, PreprocessOptions(refine_rv=True))
 

@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.scheduler": ("onecycle", "cosine", "plateau", "none"),
     "training.device": ("auto", "cpu", "cuda"),
     "tuning.method": ("tpe", "grid", "random"),
+    "data.flag_policy": ("mask", "keep"),
 }
 
 #: Keys whose values must be positive numbers.
@@ -32,6 +33,7 @@ POSITIVE: tuple[str, ...] = (
     "preprocess.chunk_size",
     "preprocess.n_workers",
     "preprocess.batch_size",
+    "data.max_abs_rv_kms",
     "training.batch_size",
     "training.learning_rate",
     "training.epochs",

@@ -77,9 +77,9 @@ from .preprocess.options import PreprocessOptions
 from .preprocess.steps import (
     ContinuumError,
     clean,
-    continuum_mask,
     denoise,
     fit_continuum,
+    fit_continuum_details,
     log_linear_grid,
     normalize,
     resample,
@@ -201,19 +201,15 @@ class _FrozenPipeline:
         self.ivar_res = ivar
         rflux, rivar = self._resample(flux)
         self.rivar = rivar
-        # first pass: the clipped set at convergence (pixels within [-lo, +hi] sigma of the final fit)
-        cont1 = fit_continuum(grid, rflux, rivar, opts, z=0.0)
-        r = (rflux - cont1) * np.sqrt(rivar)
-        used1 = (rivar > 0) & (r > -opts.continuum_sigma_lo) & (r < opts.continuum_sigma_hi)
-        if opts.continuum_mask_lines:
-            used1 &= ~continuum_mask(grid, 0.0)
-        self.w1 = np.where(used1, rivar, 0.0)
+        # first pass: the pixels the pipeline's continuum fit kept at convergence (clipping, line mask, a
+        # masked blue arm), and the pixels it masked (ivar 0 after normalisation)
+        fit1 = fit_continuum_details(grid, rflux, rivar, opts, z=0.0)
+        self.w1 = np.where(fit1.used, rivar, 0.0)
+        self.masked1 = fit1.masked
         self.w2: np.ndarray | None = None
         if opts.second_pass:
-            nflux, nivar = normalize(rflux, rivar, cont1)
-            cont2 = fit_continuum(grid, nflux, nivar, opts, second_pass=True)
-            r2 = (nflux - cont2) * np.sqrt(nivar)
-            self.w2 = (nivar > 0) & (r2 > -opts.second_pass_sigma_lo) & (r2 < opts.second_pass_sigma_hi)
+            nflux, nivar = normalize(rflux, np.where(fit1.masked, 0.0, rivar), fit1.continuum)
+            self.w2 = fit_continuum_details(grid, nflux, nivar, opts, second_pass=True).used
         # the same fits without clipping or line mask: the frozen weights carry those decisions
         self.noclip = dataclasses.replace(
             opts,
@@ -238,7 +234,7 @@ class _FrozenPipeline:
             flux, _ = denoise(flux, self.ivar_obs, self.opts)
         rflux, _ = self._resample(flux)
         cont1 = fit_continuum(self.grid, rflux, self.w1, self.noclip, z=0.0)
-        nflux, nivar = normalize(rflux, self.rivar, cont1)
+        nflux, nivar = normalize(rflux, np.where(self.masked1, 0.0, self.rivar), cont1)
         if self.w2 is not None:
             cont2 = fit_continuum(
                 self.grid, nflux, np.where(self.w2, nivar, 0.0), self.noclip, second_pass=True

@@ -10,8 +10,12 @@ An ``.npz`` written by :func:`save_dataset` loads with plain ``numpy.load`` (no 
     rest-frame vacuum wavelength grid in Angstrom.
 ``y`` (N, L) float32
     labels, NaN when missing; column ``j`` is ``elements[j]``.
+``y_err`` (N, L) float32
+    uncertainty of each label from the catalogue's error column (``MG_FE_ERR``, ``e_mg_fe``, ``teff_err``),
+    NaN when unknown or when the label is missing. Datasets written before it existed load with all NaN.
 ``elements`` (L,) str
-    label names in ``C_FE`` form; may include ``TEFF``, ``LOGG``, ``FE_H``.
+    label names in ``C_FE`` form; may include ``TEFF``, ``LOGG``, ``FE_H``, ``M_H``, ``ALPHA_M``, ``MG_H``
+    or any other label named when preprocessing.
 ``filenames``, ``obsid``, ``spec`` (N,) str
     FITS file name, LAMOST obsid (empty string when unknown) and the catalogue's ``spec`` key.
 ``teff``, ``logg``, ``fe_h``, ``snr`` (N,) float32
@@ -58,6 +62,9 @@ class Dataset:
     group: np.ndarray
     preprocess_hash: str = ""
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    #: (N, L) label uncertainties aligned with ``y``; None means unknown (all NaN). A copy made with other
+    #: labels (``dataclasses.replace(ds, y=..., elements=...)`` without ``y_err``) gets unknown errors.
+    y_err: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.X)
@@ -72,6 +79,11 @@ class Dataset:
         for name in ("filenames", "obsid", "spec", "teff", "logg", "fe_h", "snr", "split", "group"):
             if len(getattr(self, name)) != n:
                 raise DataMismatchError(f"{name} has length {len(getattr(self, name))}, X has {n}")
+        y_shape = self.y.shape
+        if self.y_err is not None and len(self.y_err) != y_shape[0]:
+            raise DataMismatchError(f"y_err has {len(self.y_err)} rows, y has {y_shape[0]}")
+        if self.y_err is None or np.shape(self.y_err) != y_shape:
+            self.y_err = np.full(y_shape, np.nan, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.X)
@@ -130,6 +142,7 @@ def save_dataset(path: str | Path, ds: Dataset) -> None:
         "ivar": ds.ivar.astype(np.float32, copy=False),
         "wavelength": ds.wavelength.astype(np.float64, copy=False),
         "y": ds.y.astype(np.float32, copy=False),
+        "y_err": np.asarray(ds.y_err, dtype=np.float32),
         "elements": np.asarray(ds.elements, dtype=str),
         "filenames": np.asarray(ds.filenames, dtype=str),
         "obsid": np.asarray(ds.obsid, dtype=str),
@@ -169,12 +182,14 @@ def load_dataset(path: str | Path) -> Dataset:
         raise SpecabundError(f"{path}: dataset lacks arrays {missing}")
     n = len(data["X"])
     nan = np.full(n, np.nan, dtype=np.float32)
+    y = data["y"].reshape(n, -1)
+    y_err = data.get("y_err")
     empty = np.full(n, "", dtype="<U1")
     return Dataset(
         X=data["X"],
         ivar=data.get("ivar", np.ones_like(data["X"])),
         wavelength=data["wavelength"],
-        y=data["y"].reshape(n, -1),
+        y=y,
         elements=[str(e) for e in data["elements"].tolist()],
         filenames=data["filenames"],
         obsid=data.get("obsid", empty),
@@ -187,4 +202,5 @@ def load_dataset(path: str | Path) -> Dataset:
         group=data.get("group", data["filenames"]),
         preprocess_hash=str(data.get("preprocess_hash", np.asarray(""))),
         extra={k[6:]: v for k, v in data.items() if k.startswith("extra_")},
+        y_err=None if y_err is None or y_err.size != y.size else y_err.reshape(y.shape),
     )

@@ -2,12 +2,16 @@
 
 Raw LAMOST FITS files plus a reference and/or prediction label catalogue in, training-ready datasets out:
 
-1. list the FITS files and match them to the catalogue rows (:mod:`specabund.catalog`);
+1. read and clean the catalogues (sentinels, flags, plausible ranges:
+   :class:`~specabund.catalog.CatalogRules`), list the FITS files and match them to the catalogue rows
+   (:mod:`specabund.catalog`); a catalogue with no rows, or none matching a file, is an error before
+   any work;
 2. process the matched files in chunks (default 1000): read, clean, rest frame, resample, normalise
    (:func:`specabund.preprocess.steps.preprocess_spectrum`), optionally in parallel;
 3. after each chunk, write its result to the cache (``<output>/cache/preprocessing/``) under a key made of
-   the chunk's files (name, size, modification time), their catalogue RV and the preprocessing options, so
-   a killed run resumes at the first unfinished chunk and a changed configuration never reuses stale work;
+   the chunk's files (name, size, modification time), their catalogue RV, the RV plausibility limit and
+   the preprocessing options, so a killed run resumes at the first unfinished chunk and a changed
+   configuration never reuses stale work;
 4. split the reference spectra 7:1:2 by star (seeded), stream the chunks into the output ``.npz`` files
    (memory bounded by the chunk size), and write ``rejected.csv`` (every spectrum not kept, with the
    reason), ``manifest.json``, the validation report and the preprocessing plots.
@@ -18,6 +22,7 @@ Identical inputs give byte-identical outputs, whatever the number of workers or 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 from collections import Counter
@@ -30,18 +35,27 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..catalog import Catalog, MatchResult, match_catalog, read_catalog, spec_key
+from ..catalog import (
+    DEFAULT_MAX_ABS_RV_KMS,
+    Catalog,
+    CatalogRules,
+    MatchResult,
+    match_catalog,
+    read_catalog,
+    spec_key,
+    unreadable_reason,
+)
 from ..dataset import SPLIT_CODES
-from ..errors import FitsFormatError, SpecabundError
+from ..errors import CatalogError, FitsFormatError, SpecabundError
 from ..io import iter_fits_files, read_lamost
 from ..utils import NpzWriter, atomic_write, atomic_write_json, hash_bytes, hash_json
 from .options import PreprocessOptions
-from .steps import preprocess_spectrum
+from .steps import C_KMS, preprocess_spectrum
 
 log = logging.getLogger(__name__)
 
 #: Bump when the pipeline's per-file output changes for the same options (invalidates caches).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: cool-star continuum (floored clipping, masked blue arm)
 
 #: Keys of the ``[preprocess]`` config section that steer the pipeline rather than the per-spectrum steps.
 PIPELINE_KEYS = ("chunk_size", "n_workers", "batch_size", "normalize", "n_plot_examples")
@@ -63,6 +77,7 @@ class PipelineSettings:
     split_fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
     elements: list[str] | None = None
     include_stellar_parameters: bool = True
+    catalog_rules: CatalogRules = field(default_factory=CatalogRules)
     n_plot_examples: int = 4
     progress: bool = False
     max_chunks: int | None = None  # stop after processing this many new chunks (testing interruptions)
@@ -100,10 +115,61 @@ def preprocess_hash(opts: PreprocessOptions, normalize: bool = True) -> str:
 # per-file work (runs in worker processes: keep it a module-level function of plain arguments)
 
 
+def velocity_problem(
+    rv_kms: float | None, z: Any, opts: PreprocessOptions, max_abs_rv_kms: float = DEFAULT_MAX_ABS_RV_KMS
+) -> tuple[float | None, str | None]:
+    """Check the velocities of one spectrum before its rest-frame shift.
+
+    Parameters
+    ----------
+    rv_kms : float or None
+        Catalogue radial velocity (km/s); a non-finite one or one with ``|rv| > max_abs_rv_kms`` is
+        dropped, so the header redshift is used instead.
+    z : float or None
+        Header redshift ``Z``.
+    opts : PreprocessOptions
+        ``opts.rv_source == 'none'`` (rest-frame input) needs no velocity.
+    max_abs_rv_kms : float
+        Plausibility limit of ``|rv|`` and ``|Z| c``.
+
+    Returns
+    -------
+    rv_kms : float or None
+        The catalogue velocity to use (None: use the header).
+    problem : str or None
+        Why no velocity is usable (the spectrum is rejected as ``no_valid_rv: <problem>``), else None.
+    """
+    if rv_kms is not None and not (math.isfinite(float(rv_kms)) and abs(float(rv_kms)) <= max_abs_rv_kms):
+        rv_kms = None
+    if rv_kms is not None or opts.rv_source != "header":
+        return rv_kms, None
+    try:
+        zf = float(z) if z is not None and not isinstance(z, bool) else math.nan
+    except (TypeError, ValueError):
+        zf = math.nan
+    if not math.isfinite(zf):
+        return None, f"no catalogue rv and header Z is missing or not a number ({z!r})"
+    if abs(zf) * C_KMS > max_abs_rv_kms:
+        return None, (
+            f"no catalogue rv and header Z = {zf:g} is implausible "
+            f"(|Z| c = {abs(zf) * C_KMS:.0f} km/s > {max_abs_rv_kms:g})"
+        )
+    return None, None
+
+
 def process_file(
-    path: Path, rv_kms: float | None, opts: PreprocessOptions, normalize: bool = True
+    path: Path,
+    rv_kms: float | None,
+    opts: PreprocessOptions,
+    normalize: bool = True,
+    max_abs_rv_kms: float = DEFAULT_MAX_ABS_RV_KMS,
 ) -> dict[str, Any]:
-    """Read and preprocess one file; never raises for bad data (the status says what went wrong)."""
+    """Read and preprocess one file; never raises for bad data (the status says what went wrong).
+
+    A catalogue ``rv_kms`` beyond ``max_abs_rv_kms`` is ignored (the header Z is used); a spectrum with
+    neither a plausible catalogue rv nor a plausible header Z (``|Z| c <= max_abs_rv_kms``, finite) gets
+    the status ``no_valid_rv: <why>`` (unless ``opts.rv_source == 'none'``).
+    """
     out: dict[str, Any] = {
         "status": "ok",
         "obsid": "",
@@ -135,6 +201,11 @@ def process_file(
     if out["class"] and out["class"].upper() != "STAR":
         out["status"] = f"non_star_class: {out['class']}"
         return out
+    rv_kms, problem = velocity_problem(rv_kms, meta.get("z"), opts, max_abs_rv_kms)
+    if problem is not None:
+        log.debug("%s: %s", path, problem)
+        out["status"] = f"no_valid_rv: {problem}"
+        return out
     try:
         res = preprocess_spectrum(spec, opts, rv_kms=rv_kms, keep_stages=False)
     except Exception as exc:  # defensive: preprocess_spectrum reports bad spectra by status
@@ -163,7 +234,7 @@ def process_file(
     return out
 
 
-def _process_task(args: tuple[Path, float | None, PreprocessOptions, bool]) -> dict[str, Any]:
+def _process_task(args: tuple[Path, float | None, PreprocessOptions, bool, float]) -> dict[str, Any]:
     return process_file(*args)
 
 
@@ -176,13 +247,17 @@ _STR_FIELDS = ("status", "obsid", "filename", "designation", "class", "rv_source
 
 
 def _file_signature(path: Path) -> tuple[str, int, int]:
-    st = path.stat()
-    return (str(path.resolve()), int(st.st_size), int(st.st_mtime_ns))
+    """(resolved path, size, mtime); an unreadable path (symlink loop, dangling link) gives (path, -1, -1)."""
+    try:
+        st = path.stat()
+        return (str(path.resolve()), int(st.st_size), int(st.st_mtime_ns))
+    except (OSError, RuntimeError):
+        return (str(path.absolute()), -1, -1)
 
 
-def _chunk_key(tasks: Sequence[_Task], opts_hash: str) -> str:
+def _chunk_key(tasks: Sequence[_Task], opts_hash: str, max_abs_rv_kms: float = DEFAULT_MAX_ABS_RV_KMS) -> str:
     sig = [(*_file_signature(t.path), None if t.rv_kms is None else float(t.rv_kms)) for t in tasks]
-    return hash_json({"files": sig, "preprocess": opts_hash})[:24]
+    return hash_json({"files": sig, "preprocess": opts_hash, "max_abs_rv_kms": float(max_abs_rv_kms)})[:24]
 
 
 def _write_chunk(path: Path, results: list[dict[str, Any]], n_pix: int) -> None:
@@ -263,15 +338,18 @@ def _plan(
         raise SpecabundError(f"{fits_dir}: no FITS files found (*.fits, *.fits.gz, *.fit)")
     plans: list[_SetPlan] = []
     ref_elements = settings.elements
+    rules = settings.catalog_rules
     if reference_csv is not None:
-        cat = read_catalog(reference_csv, settings.elements, require_labels=True)
+        cat = read_catalog(reference_csv, settings.elements, require_labels=True, rules=rules)
         plans.append(_SetPlan("reference", cat, match_catalog(cat, files, fits_dir)))
         ref_elements = cat.elements
     if prediction_csv is not None:
-        cat = read_catalog(prediction_csv, ref_elements or None, require_labels=False)
+        cat = read_catalog(prediction_csv, ref_elements or None, require_labels=False, rules=rules)
         plans.append(_SetPlan("prediction", cat, match_catalog(cat, files, fits_dir)))
     if not plans:
         raise SpecabundError("give --reference-csv, --prediction-csv or both")
+    for p in plans:
+        _check_matched(p, fits_dir, len(files))
     for p in plans:
         rv = p.catalog.table["rv"].to_numpy(dtype=float) if "rv" in p.catalog.table else None
         for f, row in zip(p.match.files, p.match.rows.tolist(), strict=True):
@@ -286,6 +364,21 @@ def _plan(
             len(p.match.unmatched_rows),
         )
     return plans, files
+
+
+def _check_matched(plan: _SetPlan, fits_dir: Path, n_files: int) -> None:
+    """Refuse a catalogue with no rows, or none matching a file, before any work is done."""
+    path = plan.catalog.path
+    n_rows = len(plan.catalog.table)
+    if n_rows == 0:
+        raise CatalogError(f"{path}: the {plan.name} catalogue has no rows (no spectrum to preprocess)")
+    if not plan.match.files:
+        examples = ", ".join(f"{s!r} ({r})" for s, r in plan.match.unmatched_rows[:3])
+        raise CatalogError(
+            f"{path}: none of the {n_rows} rows of the {plan.name} catalogue matches one of the {n_files} "
+            f"FITS files in {fits_dir} (e.g. {examples}); 'spec' must be a file name (with or without "
+            ".fits/.fits.gz), a path relative to the FITS folder, or an obsid of a file named <obsid>.fits"
+        )
 
 
 def _chunks(tasks: list[_Task], size: int) -> Iterator[list[_Task]]:
@@ -329,13 +422,13 @@ def run_preprocess(
     fits_dir, output_dir = Path(fits_dir), Path(output_dir)
     if not fits_dir.is_dir():
         raise SpecabundError(f"{fits_dir}: FITS directory not found")
-    output_dir.mkdir(parents=True, exist_ok=True)
     plans, all_files = _plan(
         Path(reference_csv) if reference_csv else None,
         Path(prediction_csv) if prediction_csv else None,
         fits_dir,
         st,
     )
+    output_dir.mkdir(parents=True, exist_ok=True)
     p_hash = preprocess_hash(opts, st.normalize)
     grid = _grid(opts)
 
@@ -364,14 +457,15 @@ def run_preprocess(
         for plan in plans:
             chunk_files[plan.name] = []
             for ci, chunk in enumerate(_chunks(plan.tasks, st.chunk_size)):
-                key = _chunk_key(chunk, p_hash)
+                key = _chunk_key(chunk, p_hash, st.catalog_rules.max_abs_rv_kms)
                 path = cache_root / f"{plan.name}_{ci:05d}_{key}.npz"
                 if path.exists():
                     log.debug("chunk %s %d: cached (%s)", plan.name, ci, path.name)
                 else:
                     if st.max_chunks is not None and new_chunks >= st.max_chunks:
                         raise _Interrupted(f"stopped after {new_chunks} new chunks (max_chunks)")
-                    args = [(t.path, t.rv_kms, opts, st.normalize) for t in chunk]
+                    lim = st.catalog_rules.max_abs_rv_kms
+                    args = [(t.path, t.rv_kms, opts, st.normalize, lim) for t in chunk]
                     results = list(map_fn(_process_task, args))
                     _write_chunk(path, results, len(grid))
                     new_chunks += 1
@@ -419,7 +513,7 @@ def _input_hash(plans: list[_SetPlan]) -> str:
     parts = []
     for p in plans:
         parts.append(p.catalog.path.read_bytes())
-        parts.append(repr([(f.name, f.stat().st_size) for f in p.match.files]).encode())
+        parts.append(repr([(f.name, _file_signature(f)[1]) for f in p.match.files]).encode())
     return hash_bytes(*parts)[:16]
 
 
@@ -435,11 +529,15 @@ def _assemble(
 ) -> dict[str, Any]:
     rejected: list[dict[str, str]] = []
     counts: dict[str, Any] = {}
+    masking: dict[str, Any] = {}
+    label_columns: dict[str, Any] = {}
     label_names: list[str] | None = None
     ref_plan = next((p for p in plans if p.name == "reference"), None)
     if ref_plan is not None:
         label_names = _label_names(ref_plan.catalog, st)
     for plan in plans:
+        masking[plan.name] = plan.catalog.masked
+        label_columns[plan.name] = plan.catalog.columns
         names = label_names if label_names is not None else _label_names(plan.catalog, st)
         metas = [_read_chunk_meta(f) for f in chunk_files[plan.name]]
         meta = {k: np.concatenate([m[k] for m in metas]) for k in metas[0]} if metas else {}
@@ -448,10 +546,11 @@ def _assemble(
         table = plan.catalog.table
         rows = plan.match.rows
         y = plan.catalog.labels(names)[rows]
+        y_err = plan.catalog.label_errors(names)[rows]
         keep = status == "ok"
         if plan.name == "reference":
-            abund = [i for i, nm in enumerate(names) if nm.endswith("_FE")]
-            no_labels = keep & ~np.isfinite(y[:, abund]).any(axis=1) if abund else np.zeros(n, bool)
+            primary = [i for i, nm in enumerate(names) if nm in plan.catalog.elements]
+            no_labels = keep & ~np.isfinite(y[:, primary]).any(axis=1) if primary else np.zeros(n, bool)
             status = np.where(no_labels, "no_labels", status)
             keep = status == "ok"
         for t, s in zip(plan.tasks, status.tolist(), strict=True):
@@ -468,7 +567,7 @@ def _assemble(
             if plan.name == "reference"
             else np.full(len(idx), SPLIT_CODES["none"], dtype=np.int8)
         )
-        cols = _columns(plan, meta, rows, y, groups, p_hash)
+        cols = _columns(plan, meta, rows, y, y_err, groups, p_hash)
         if plan.name == "reference":
             _write_dataset(
                 output_dir / "reference_dataset.npz", chunk_files[plan.name], idx, split, cols, names, grid
@@ -499,7 +598,9 @@ def _assemble(
     matched = {f for p in plans for f in p.match.files}
     for f in all_files:
         if f not in matched:
-            rejected.append({"set": "", "file": str(f), "spec": spec_key(f.name), "reason": "no label match"})
+            why = unreadable_reason(f)
+            reason = "no label match" if why is None else f"unreadable: {why}"
+            rejected.append({"set": "", "file": str(f), "spec": spec_key(f.name), "reason": reason})
     rej = pd.DataFrame(rejected, columns=["set", "file", "spec", "reason"])
     with atomic_write(output_dir / "rejected.csv", "w", encoding="utf-8", newline="") as fh:
         rej.to_csv(fh, index=False)
@@ -514,6 +615,8 @@ def _assemble(
         "counts": counts,
         "rejected_total": len(rej),
         "rejected_by_reason": dict(sorted(by_reason.items())),
+        "label_masking": masking,
+        "label_columns": label_columns,
         "options": opts.to_dict(),
         "settings": {
             "chunk_size": st.chunk_size,
@@ -521,6 +624,7 @@ def _assemble(
             "seed": st.seed,
             "split_fractions": list(st.split_fractions),
             "elements": st.elements or [],
+            "catalog_rules": st.catalog_rules.to_dict(),
         },
     }
     atomic_write_json(output_dir / "manifest.json", manifest)
@@ -557,6 +661,7 @@ def _columns(
     meta: dict[str, np.ndarray],
     rows: np.ndarray,
     y: np.ndarray,
+    y_err: np.ndarray,
     groups: np.ndarray,
     p_hash: str,
 ) -> dict[str, np.ndarray]:
@@ -566,6 +671,7 @@ def _columns(
     snr = np.where(np.isfinite(snr), snr, snr_csv)
     return {
         "y": y.astype(np.float32),
+        "y_err": y_err.astype(np.float32),
         "filenames": np.array([t.path.name for t in plan.tasks], dtype=str),
         "obsid": meta["obsid"],
         "spec": table["spec"].to_numpy(dtype=str)[rows],

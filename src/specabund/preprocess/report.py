@@ -21,7 +21,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DATASETS = ("reference", "prediction")
-_SMALL_KEYS = ("y", "elements", "snr", "extra_n_raw_pixels", "extra_good_fraction", "extra_snr_measured")
+_SMALL_KEYS = (
+    "y",
+    "y_err",
+    "elements",
+    "snr",
+    "extra_n_raw_pixels",
+    "extra_good_fraction",
+    "extra_snr_measured",
+)
 
 
 def _load_small(path: Path) -> dict[str, np.ndarray] | None:
@@ -32,11 +40,19 @@ def _load_small(path: Path) -> dict[str, np.ndarray] | None:
         return {k: z[k] for k in _SMALL_KEYS if k in z.files}
 
 
-def label_statistics(y: np.ndarray, names: list[str], outlier_sigma: float = 5.0) -> pd.DataFrame:
-    """Per label: count, NaN count, range, mean, std and robust outliers (beyond ``outlier_sigma`` MADs)."""
+def label_statistics(
+    y: np.ndarray, names: list[str], outlier_sigma: float = 5.0, y_err: np.ndarray | None = None
+) -> pd.DataFrame:
+    """Per label: count, NaN count, range, mean, std and robust outliers (beyond ``outlier_sigma`` MADs);
+    with ``y_err`` also the number of labels with a known error and the median error."""
     rows = []
     for j, name in enumerate(names):
         v = y[:, j].astype(float)
+        err_cols: dict[str, Any] = {}
+        if y_err is not None:
+            e = y_err[:, j].astype(float)
+            e = e[np.isfinite(e)]
+            err_cols = {"n_err": int(e.size), "median_err": float(np.median(e)) if e.size else np.nan}
         f = v[np.isfinite(v)]
         med = float(np.median(f)) if f.size else np.nan
         mad = float(1.4826 * np.median(np.abs(f - med))) if f.size else np.nan
@@ -53,9 +69,21 @@ def label_statistics(y: np.ndarray, names: list[str], outlier_sigma: float = 5.0
                 "median": med,
                 "robust_sigma": mad,
                 f"n_outliers_{outlier_sigma:g}sigma": out,
+                **err_cols,
             }
         )
     return pd.DataFrame(rows)
+
+
+def masking_table(masked: dict[str, dict[str, int]]) -> pd.DataFrame:
+    """Catalogue values masked per column (rows: labels, ``<label>_err``, ``rv``, ``snr``) and reason."""
+    from ..catalog import MASK_REASONS
+
+    reasons = list(MASK_REASONS)
+    if any("flag_kept" in c for c in masked.values()):
+        reasons.append("flag_kept")
+    rows = [{"column": name, **{r: int(c.get(r, 0)) for r in reasons}} for name, c in masked.items()]
+    return pd.DataFrame(rows, columns=["column", *reasons])
 
 
 def write_validation_report(output_dir: Path, manifest: dict[str, Any]) -> Path:
@@ -71,7 +99,7 @@ def write_validation_report(output_dir: Path, manifest: dict[str, Any]) -> Path:
         if d is None:
             continue
         names = [str(e) for e in d["elements"].tolist()]
-        stats = label_statistics(d["y"], names)
+        stats = label_statistics(d["y"], names, y_err=d.get("y_err"))
         n_raw = d.get("extra_n_raw_pixels", np.zeros(0, dtype=int))
         lengths = pd.Series(n_raw).value_counts()
         common = int(lengths.index[0]) if len(lengths) else 0
@@ -83,9 +111,12 @@ def write_validation_report(output_dir: Path, manifest: dict[str, Any]) -> Path:
             "fraction_other_length": float(1 - lengths.iloc[0] / n_raw.size) if n_raw.size else 0.0,
         }
         snr = d["snr"].astype(float)
+        masked = manifest.get("label_masking", {}).get(name, {})
+        mtable = masking_table(masked)
         payload[name] = {
             "n": len(snr),
             "labels": stats.to_dict(orient="records"),
+            "catalogue_values_masked": masked,
             "lengths": length_info,
             "snr_median": float(np.nanmedian(snr)) if np.isfinite(snr).any() else None,
         }
@@ -98,6 +129,13 @@ def write_validation_report(output_dir: Path, manifest: dict[str, Any]) -> Path:
             stats.to_string(index=False, float_format=lambda x: f"{x:.4g}"),
             "",
         ]
+        if len(mtable):
+            lines += [
+                "Catalogue values masked (set to NaN) when the catalogue was read, per column and reason "
+                "(over all catalogue rows):",
+                mtable.to_string(index=False),
+                "",
+            ]
         fig = _label_hist_figure(d["y"], names, f"{name}: label distributions")
         save_figure(fig, pdir / f"{name}_label_distributions.png")
         if len(names) > 1 and len(snr) > 2:
@@ -177,6 +215,7 @@ def write_preprocessing_plots(
     plans: list[_SetPlan],
 ) -> list[Path]:
     """Stage-by-stage plots of a few spectra and distributions of SNR, labels and rejection reasons."""
+    from .pipeline import velocity_problem
     from .steps import plot_stages, preprocess_spectrum
 
     out = plots_dir / "preprocessing"
@@ -193,6 +232,9 @@ def write_preprocessing_plots(
             except Exception:
                 continue
             v = None if rv is None or not np.isfinite(rv[task.row]) else float(rv[task.row])
+            v, problem = velocity_problem(v, spec.meta.get("z"), opts, st.catalog_rules.max_abs_rv_kms)
+            if problem is not None:
+                continue
             res = preprocess_spectrum(spec, opts, rv_kms=v, keep_stages=True)
             if res.status != "ok":
                 continue

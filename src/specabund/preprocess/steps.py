@@ -526,11 +526,132 @@ def continuum_mask(wave: np.ndarray, z: float = 0.0) -> np.ndarray:
     return _interval_mask(wave, CONTINUUM_LINE_MASK) | _interval_mask(wave, TELLURIC_MASK, 1.0 / (1.0 + z))
 
 
-#: Mean of a standard normal truncated to [-a, b]: the offset asymmetric clipping gives to pure noise.
-def _truncated_mean(a: float, b: float) -> float:
-    phi_a = math.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
-    phi_b = math.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
-    return (phi_a - phi_b) / float(ndtr(b) - ndtr(-a))
+#: Clipping noise floor as a fraction of the continuum: residuals are clipped in units of
+#: ``max(sigma, CONTINUUM_CLIP_FLOOR * continuum)``, so above an SNR of 1 / floor the set of pixels kept
+#: (continuum plus lines too weak to clip) no longer depends on the SNR, and neither does the continuum.
+CONTINUUM_CLIP_FLOOR: float = 0.1
+
+
+def _truncated_mean(a: np.ndarray, b: float | np.ndarray) -> np.ndarray:
+    """Mean of a standard normal truncated to [-a, b]: the offset asymmetric clipping gives to pure noise."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    phi_a = np.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    phi_b = np.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+    return (phi_a - phi_b) / (ndtr(b) - ndtr(-a))
+
+
+@functools.lru_cache(maxsize=16)
+def _shift_table(lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    s = np.linspace(1.0, 1.0 + 10.0 / min(lo, 1.0), 2001)
+    m = _truncated_mean(lo * s, hi * s)
+    s.flags.writeable = False
+    m.flags.writeable = False
+    return s, m
+
+
+def _clip_shift(s: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``_truncated_mean(lo * s, hi * s)`` for ``s >= 1`` (interpolated; 0 beyond ~10 sigma)."""
+    ts, tm = _shift_table(float(lo), float(hi))
+    return np.interp(s, ts, tm, right=0.0)
+
+
+#: A pixel whose continuum is below this many times its noise (``continuum * sqrt(ivar)``, the per-pixel
+#: SNR the continuum level would have) carries no usable flux: the continuum step gives it ``ivar = 0``.
+CONTINUUM_MIN_PIXEL_SNR: float = 1.0
+
+#: Rest wavelength (A) up to which a blue arm without usable flux may be masked (LAMOST's dichroic).
+BLUE_ARM_MAX_WAVE: float = 5700.0
+
+_BLUE_BIN = 32  # grid pixels per bin of the blue-arm flux test (~30 A at 4000 A)
+_BLUE_RUN = 3  # consecutive bins with usable flux that end a masked blue arm
+
+
+def blue_arm_end(wave: np.ndarray, flux: np.ndarray, ivar: np.ndarray) -> int:
+    """Number of grid pixels at the blue end that carry no usable flux (0 when the blue arm is usable).
+
+    The pixels below :data:`BLUE_ARM_MAX_WAVE` are cut into bins of 32; a bin with at least 8 good pixels
+    has usable flux when its mean flux over its good pixels is at least :data:`CONTINUUM_MIN_PIXEL_SNR`
+    times the r.m.s. noise of one pixel (the per-pixel SNR of the bin's pseudo-continuum; absorption lines
+    included, so heavy line blanketing counts against it). The blue arm ends at the first bin that starts
+    a run of three bins with usable flux (bins without data are skipped); everything bluer is without
+    usable flux. When no such run exists the whole range below :data:`BLUE_ARM_MAX_WAVE` is. A mean and
+    not a median: the test must not depend on the noise of single pixels (negative fluxes of a
+    sky-dominated, or over-subtracted, blue arm pull the mean down as they should).
+
+    Parameters
+    ----------
+    wave : ndarray
+        Increasing rest-frame wavelengths (A) of the grid.
+    flux, ivar : ndarray
+        Flux and inverse variance on ``wave`` (``ivar <= 0`` or non-finite values: no data).
+
+    Returns
+    -------
+    int
+        Pixels ``[0, n)`` form the blue arm without usable flux.
+    """
+    wave = np.asarray(wave, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    flux = np.asarray(flux, dtype=np.float64)
+    data = (ivar > 0) & np.isfinite(ivar) & np.isfinite(flux)
+    nbins = int(np.searchsorted(wave, BLUE_ARM_MAX_WAVE)) // _BLUE_BIN
+    if nbins == 0:
+        return 0
+    m = nbins * _BLUE_BIN
+    d = data[:m].reshape(nbins, _BLUE_BIN)
+    n = np.count_nonzero(d, axis=1)
+    sf = np.where(d, flux[:m].reshape(nbins, _BLUE_BIN), 0.0).sum(axis=1)
+    sv = np.divide(1.0, ivar[:m], out=np.zeros(m), where=data[:m]).reshape(nbins, _BLUE_BIN).sum(axis=1)
+    defined = np.flatnonzero(n >= _BLUE_BIN // 4)
+    if defined.size == 0:
+        return 0
+    # mean flux / rms pixel noise = (sf / n) / sqrt(sv / n)
+    bad = sf[defined] < CONTINUUM_MIN_PIXEL_SNR * np.sqrt(n[defined] * sv[defined])
+    if not bad[0]:
+        return 0
+    cs = np.concatenate(([0], np.cumsum(bad)))
+    j = np.arange(defined.size)
+    clean_run = cs[np.minimum(j + _BLUE_RUN, defined.size)] == cs[j]
+    if not clean_run.any():
+        return m
+    return int(defined[int(np.argmax(clean_run))]) * _BLUE_BIN
+
+
+@dataclass(frozen=True)
+class ContinuumFit:
+    """Result of :func:`fit_continuum_details`.
+
+    Attributes
+    ----------
+    continuum : ndarray of float64
+        The continuum, finite and > 0 at every pixel (floored where the spline is not: such pixels are in
+        ``masked`` or have no data).
+    masked : ndarray of bool
+        Pixels with data that the continuum cannot normalise and that must get ``ivar = 0``: the blue arm
+        without usable flux, every pixel whose continuum is below :data:`CONTINUUM_MIN_PIXEL_SNR` times
+        its noise (a continuum <= 0 included) and the ends where the spline only extrapolates.
+    used : ndarray of bool
+        Pixels of the final fit (data, outside the fixed mask, the blue arm and the clipped pixels).
+    blue_end : int
+        Number of grid pixels of the masked blue arm (0: none).
+    n_iter : int
+        Clipping iterations done.
+    stop : str
+        Why the clipping stopped: 'converged' (the clipped set repeats itself), 'cycle' (it alternates
+        between sets seen before), 'min_pixels' (clipping further would leave fewer than the minimum
+        number of pixels: the last fit is kept) or 'max_iter'.
+    converged : bool
+        'converged', or the last iteration changed the continuum by at most the tolerance.
+    """
+
+    continuum: np.ndarray
+    masked: np.ndarray
+    used: np.ndarray
+    blue_end: int
+    n_iter: int
+    stop: str
+    converged: bool
 
 
 def _fit_iterative(
@@ -548,61 +669,123 @@ def _fit_iterative(
     sigma_hi: float,
     tol: float | None,
     min_pixels: int,
-) -> np.ndarray:
+    first_pass: bool,
+) -> ContinuumFit:
     wave = np.asarray(wave, dtype=np.float64)
     flux = np.asarray(flux, dtype=np.float64)
     ivar = np.asarray(ivar, dtype=np.float64)
     data = (ivar > 0) & np.isfinite(flux) & np.isfinite(ivar)
     w0 = np.where(data, ivar, 0.0)
     f0 = np.where(data, flux, 0.0)
+    blue_end = blue_arm_end(wave, f0, w0) if first_pass else 0
     base = data if exclude is None else data & ~exclude
+    if blue_end:
+        base = base.copy()
+        base[:blue_end] = False
     if np.count_nonzero(base) < min_pixels:
         raise ContinuumError(f"too few usable pixels ({np.count_nonzero(base)} < {min_pixels})")
     basis = _spline_basis(wave, split, spacing_blue, spacing_red)
     sig = np.sqrt(np.divide(1.0, w0, out=np.zeros_like(w0), where=data))
     sqw = np.sqrt(w0)
-    shift = _truncated_mean(sigma_lo, sigma_hi)
-    # normal equations are linear in the weights: build them once, then update only the pixels whose
-    # clipping state changes (a handful per iteration)
-    ys = (f0, sig)
-    used = base
-    ab, rhs = _normal_full(basis, np.where(used, w0, 0.0), ys)
-    cont = _evaluate(basis, _pspline_solve(basis, ab, rhs[0], penalty))
-    change = np.inf
-    for _ in range(niter):
-        r = (f0 - cont) * sqw
-        new_used = base & (r > -sigma_lo) & (r < sigma_hi)
-        flip = np.flatnonzero(new_used != used)
-        if flip.size == 0 and np.isfinite(change):
-            change = 0.0  # same pixels -> the same fit again: converged
-            break
-        if np.count_nonzero(new_used) < min_pixels:
-            raise ContinuumError(
-                f"too few usable pixels after clipping ({np.count_nonzero(new_used)} < {min_pixels})"
-            )
-        if flip.size:
-            dab, drhs = _normal_delta(basis, flip, np.where(new_used[flip], w0[flip], -w0[flip]), ys)
-            ab += dab
-            rhs += drhs
-        used = new_used
-        # fit f - shift * sigma: removes the mean that the [-lo, +hi] truncation gives to Gaussian noise,
-        # so the continuum carries no SNR-dependent bias
-        new = _evaluate(basis, _pspline_solve(basis, ab, rhs[0] - shift * rhs[1], penalty))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.abs(new - cont) / np.abs(new)
-        change = float(np.max(rel, where=data, initial=0.0))
-        cont = new
-    if not np.all(np.isfinite(cont)):
-        raise ContinuumError("non-finite continuum")
-    if tol is not None and np.isfinite(change) and change > tol:
-        raise ContinuumError(f"did not converge in {niter} iterations (last change {change:.3g} > {tol})")
-    nonpos = np.count_nonzero(cont[data] <= 0)
-    if nonpos:
-        raise ContinuumError(f"continuum <= 0 at {nonpos} pixels with data")
-    return cont
+
+    def clip_loop(
+        base: np.ndarray, used: np.ndarray, cont: np.ndarray, hi: float
+    ) -> tuple[np.ndarray, np.ndarray, int, str, float]:
+        # residuals are clipped in units of the clipping noise max(sigma, floor * continuum), i.e. at
+        # [-lo * s, +hi * s] pixel sigmas with s >= 1 fixed for the loop (from the fit it starts at)
+        s = np.maximum(1.0, CONTINUUM_CLIP_FLOOR * cont * sqw)
+        lo_s = sigma_lo * s
+        hi_s = hi * s
+        # fit f - shift * sigma: removes the mean that the truncation of the residuals to [-lo s, +hi s]
+        # gives to Gaussian noise, so the continuum carries no SNR-dependent bias from the noise
+        ys = (f0, sig * _clip_shift(s, sigma_lo, hi))
+        # the normal equations are linear in the weights: build them once, then update only the pixels
+        # whose clipping state changes (a handful per iteration)
+        ab, rhs = _normal_full(basis, np.where(used, w0, 0.0), ys)
+        seen: set[bytes] = set()
+        change = np.inf
+        stop = "max_iter"
+        it = 0
+        for it in range(1, niter + 1):  # noqa: B007 - the count is returned
+            r = (f0 - cont) * sqw
+            new_used = base & (r > -lo_s) & (r < hi_s)
+            key = new_used.tobytes()
+            if key in seen:  # this set was fitted before: a fixed point, or a cycle between sets
+                stop = "converged" if np.array_equal(new_used, used) else "cycle"
+                break
+            if np.count_nonzero(new_used) < min_pixels:
+                stop = "min_pixels"  # keep the last fit rather than fit too few pixels
+                break
+            flip = np.flatnonzero(new_used != used)
+            if flip.size:
+                dab, drhs = _normal_delta(basis, flip, np.where(new_used[flip], w0[flip], -w0[flip]), ys)
+                ab += dab
+                rhs += drhs
+            used = new_used
+            seen.add(key)
+            new = _evaluate(basis, _pspline_solve(basis, ab, rhs[0] - rhs[1], penalty))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rel = np.abs(new - cont) / np.abs(new)
+            change = float(np.max(rel, where=data, initial=0.0))
+            cont = new
+        if not np.all(np.isfinite(cont)):
+            raise ContinuumError("non-finite continuum")
+        return cont, used, it, stop, change
+
+    def fit(base: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, str, float]:
+        n_climb = 0
+        if first_pass:
+            # start from the plain least-squares fit and climb, clipping only absorption: a fit started
+            # through deep, wide bands (TiO, the blanketed blue of cool stars) is far below the
+            # pseudo-continuum, and an upper clip would hold it there by rejecting the band heads as if
+            # they were spikes (more so the higher the SNR)
+            ab, rhs = _normal_full(basis, np.where(base, w0, 0.0), (f0,))
+            cont = _evaluate(basis, _pspline_solve(basis, ab, rhs[0], penalty))
+            cont, used, n_climb, _, _ = clip_loop(base, base, cont, math.inf)
+        else:
+            # a normalised spectrum: clip relative to its continuum, 1, rather than to a fit through the
+            # bands, which the upper clip would keep below the band heads
+            cont, used = np.ones_like(f0), base
+        cont, used, n_iter, stop, change = clip_loop(base, used, cont, sigma_hi)
+        return cont, used, n_climb + n_iter, stop, change
+
+    cont, used, n_iter, stop, change = fit(base)
+    low = data & (cont * sqw < CONTINUUM_MIN_PIXEL_SNR)
+    if np.any(low & base & (cont <= 0)) and np.count_nonzero(base & ~low) >= min_pixels:
+        # the fit reaches zero where it has data (flux without signal that the blue-arm test did not
+        # catch): drop the pixels whose flux is not above their noise and fit again
+        base = base & ~low
+        cont, used, more, stop, change = fit(base)
+        n_iter += more
+        low = data & (cont * sqw < CONTINUUM_MIN_PIXEL_SNR)
+    # beyond the outermost fitted pixels by more than a knot spacing the spline is an extrapolation
+    fitted = np.flatnonzero(used)
+    far = (wave < wave[fitted[0]] - spacing_blue) | (wave > wave[fitted[-1]] + spacing_red)
+    masked = low | (data & far)
+    masked[:blue_end] = data[:blue_end]
+    kept = data & ~masked
+    floor = 1e-3 * float(np.median(cont[kept])) if kept.any() else 0.0
+    # positive everywhere (plots, undoing the normalisation): pixels below the floor are masked (a kept
+    # pixel has a continuum above its noise, so this only matters at extreme SNR)
+    masked |= data & (cont < floor)
+    kept = data & ~masked
+    if np.count_nonzero(kept) < min_pixels or not floor > 0:
+        raise ContinuumError(
+            f"continuum <= 0 or below the noise at {np.count_nonzero(masked)} of {np.count_nonzero(data)} "
+            f"pixels with data (fewer than {min_pixels} usable)"
+        )
+    return ContinuumFit(
+        continuum=np.maximum(cont, floor),
+        masked=masked,
+        used=used,
+        blue_end=blue_end,
+        n_iter=n_iter,
+        stop=stop,
+        converged=stop == "converged" or tol is None or (np.isfinite(change) and change <= tol),
+    )
 
 
-def fit_continuum(
+def fit_continuum_details(
     wave: np.ndarray,
     flux: np.ndarray,
     ivar: np.ndarray,
@@ -610,7 +793,7 @@ def fit_continuum(
     *,
     z: float = 0.0,
     second_pass: bool = False,
-) -> np.ndarray:
+) -> ContinuumFit:
     """Robust penalised B-spline continuum (same algorithm at training and prediction time).
 
     A cubic B-spline with knots every ``opts.continuum_knot_spacing_blue`` A below
@@ -618,26 +801,56 @@ def fit_continuum(
     least squares (weights ``ivar``) with a small second-difference penalty on its coefficients (a
     P-spline), which bridges gaps and edges smoothly instead of oscillating; the penalty is relative to
     the mean data weight so its effect does not depend on SNR. Pixels in :func:`continuum_mask` (strong
-    lines, telluric bands shifted by ``z``) are excluded when ``opts.continuum_mask_lines``. Then up to
-    ``opts.continuum_niter`` times, pixels more than ``sigma_lo`` sigma below (absorption) or ``sigma_hi``
-    above (spikes) the fit are excluded and the fit is redone. No median or quantile is used: every fit is
-    a linear, unbiased function of the data, and the known mean offset that asymmetric truncation gives
-    to Gaussian noise (``E[x | -lo < x < hi]``, ~0.05 sigma for 2/3) is subtracted from the retained
-    pixels, so noise does not push the continuum up at low SNR. The loop stops when the clipped set no
-    longer changes.
+    lines, telluric bands shifted by ``z``) are excluded when ``opts.continuum_mask_lines``, and so is a
+    blue arm without usable flux (:func:`blue_arm_end`; first pass only). Then, iteratively, pixels more
+    than ``sigma_lo`` below (absorption) or ``sigma_hi`` above (spikes) the fit are excluded and the fit is
+    redone, in units of the clipping noise ``max(sigma, CONTINUUM_CLIP_FLOOR * continuum)``: the pixel's
+    noise up to a per-pixel SNR of 10, a fixed fraction of the continuum above. So between SNR 10 and
+    1000 the same pixels are kept (the continuum and the lines too weak to clip, < 20 % deep by default),
+    and the pseudo-continuum of a crowded cool star does not depend on the SNR. No median or quantile is
+    used: every fit is a linear, unbiased function of the data, and the known mean offset that the
+    truncation gives to Gaussian noise (``E[x | -lo s < x < hi s]`` with ``s`` the clipping noise in
+    units of sigma; ~0.05 sigma for 2/3 at ``s = 1``) is subtracted from the retained pixels, so noise
+    does not push the continuum up at low SNR.
+
+    The first pass starts from the plain least-squares fit and first climbs (clipping absorption only,
+    until the clipped set repeats itself) before clipping both sides: through deep, wide bands (TiO, the
+    blanketed blue of cool stars) the plain fit lies far below the band heads, and an upper clip applied
+    from there would reject them as spikes. The second pass starts from 1, the continuum of the normalised
+    spectrum it refits. Each phase stops when the clipped set repeats itself (converged), alternates
+    between sets already fitted (a cycle), would leave fewer than ``opts.continuum_min_pixels`` pixels,
+    or after ``opts.continuum_niter`` (``opts.second_pass_niter``) iterations; the last fit is kept in
+    every case and ``converged`` says whether it had settled (last change below ``opts.continuum_tol``).
+
+    Where the fit is not above the noise of a pixel (``continuum * sqrt(ivar)`` below
+    :data:`CONTINUUM_MIN_PIXEL_SNR`) the pixel is returned in ``masked``; if the fit even reaches zero at
+    pixels it used, the pixels without usable flux are dropped and the fit redone once. Pixels more than a
+    knot spacing beyond the outermost pixel of the final fit (an end of the spectrum clipped or dropped
+    entirely, where the spline only extrapolates) are masked too. The returned continuum is floored to
+    stay positive everywhere.
 
     Parameters
     ----------
+    wave, flux, ivar : ndarray
+        Rest-frame grid (strictly increasing), flux and inverse variance (``ivar <= 0``: no data).
+    opts : PreprocessOptions
+    z : float
+        Redshift that was removed (places the telluric mask).
     second_pass : bool
         Use the second-pass settings (knots x ``opts.second_pass_knot_factor``, ``second_pass_sigma_lo/hi``,
-        at most ``second_pass_niter`` iterations, no fixed line mask and no convergence requirement): for
-        refitting an already normalised spectrum to remove residual tilt, cheaply.
+        at most ``second_pass_niter`` iterations, no fixed line mask, no blue-arm test, no convergence
+        requirement): for refitting an already normalised spectrum to remove residual tilt, cheaply.
+
+    Returns
+    -------
+    ContinuumFit
 
     Raises
     ------
     ContinuumError
-        Too few usable pixels, a singular system, no convergence (the last iteration still changed the
-        fit by more than ``opts.continuum_tol``), or a continuum <= 0 at a pixel with data.
+        Fewer than ``opts.continuum_min_pixels`` usable pixels (before clipping, or left after masking the
+        pixels without usable flux), a singular system or a non-finite fit: the spectrum has no usable
+        continuum at all.
     """
     if second_pass:
         f = opts.second_pass_knot_factor
@@ -664,7 +877,30 @@ def fit_continuum(
         sigma_hi=hi,
         tol=tol,
         min_pixels=opts.continuum_min_pixels,
+        first_pass=not second_pass,
     )
+
+
+def fit_continuum(
+    wave: np.ndarray,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    opts: PreprocessOptions,
+    *,
+    z: float = 0.0,
+    second_pass: bool = False,
+) -> np.ndarray:
+    """The continuum of :func:`fit_continuum_details` alone: finite and > 0 at every pixel.
+
+    Pixels the continuum cannot normalise (``ContinuumFit.masked``) are not reported here; callers that
+    normalise should use :func:`fit_continuum_details` and give those pixels ``ivar = 0``.
+
+    Raises
+    ------
+    ContinuumError
+        As :func:`fit_continuum_details`.
+    """
+    return fit_continuum_details(wave, flux, ivar, opts, z=z, second_pass=second_pass).continuum
 
 
 def normalize(flux: np.ndarray, ivar: np.ndarray, continuum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -735,13 +971,15 @@ class PreprocessResult:
     wavelength : ndarray of float64
         The common rest-frame grid (:func:`log_linear_grid` of the options).
     continuum : ndarray of float32
-        The total continuum (first pass x second pass) in the input flux units; NaN where it failed.
+        The total continuum (first pass x second pass) in the input flux units: finite and > 0 at every
+        pixel when the continuum step succeeded, NaN everywhere when it failed.
     snr_header : float
         ``meta['snr_g']`` (NaN when absent).
     snr_measured, snr_der : float
         :func:`measure_snr` of the cleaned input spectrum over the observed range mapping onto the grid.
     good_fraction : float
-        Fraction of grid pixels with ``ivar > 0``.
+        Fraction of grid pixels with ``ivar > 0`` after resampling, before the continuum step (the pixels
+        it masks, see ``metadata``, do not count against a spectrum).
     rv_source : str
         'csv_rv' (``rv_kms`` argument), 'header_z' (header Z) or 'none'.
     rv_used_kms : float
@@ -753,6 +991,12 @@ class PreprocessResult:
     stages : dict or None
         With ``keep_stages=True``: ``{name: (wave, flux)}`` for 'raw', 'cleaned' (observed frame; masked
         pixels NaN), 'rest_resampled', 'continuum', 'normalised' (grid; masked pixels NaN).
+    metadata : dict
+        What the continuum step did (empty when it failed): ``continuum_blue_end_wave`` (rest wavelength,
+        A, of the first grid pixel after a blue arm without usable flux, whose pixels got ``ivar = 0``;
+        NaN when none), ``continuum_masked_pixels`` (grid pixels with data given ``ivar = 0`` by the
+        continuum steps, that blue arm included), ``continuum_converged`` (bool), ``continuum_stop``
+        ('converged', 'cycle', 'min_pixels' or 'max_iter') and ``continuum_iterations`` of the first pass.
     """
 
     flux: np.ndarray
@@ -769,6 +1013,7 @@ class PreprocessResult:
     rv_correction_kms: float = float("nan")
     rv_correction_err_kms: float = float("nan")
     stages: dict[str, tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -787,14 +1032,25 @@ def _meta_float(meta: dict[str, Any], key: str) -> float:
 
 def _normalise_on_grid(
     grid: np.ndarray, flux: np.ndarray, ivar: np.ndarray, opts: PreprocessOptions, z: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    cont = fit_continuum(grid, flux, ivar, opts, z=z)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    fit = fit_continuum_details(grid, flux, ivar, opts, z=z)
+    has_data = ivar > 0
+    ivar = np.where(fit.masked, 0.0, ivar)
+    cont = fit.continuum
     nflux, nivar = normalize(flux, ivar, cont)
     if opts.second_pass:
-        cont2 = fit_continuum(grid, nflux, nivar, opts, z=z, second_pass=True)
-        nflux, nivar = normalize(nflux, nivar, cont2)
-        cont = cont * cont2
-    return cont, nflux, nivar
+        fit2 = fit_continuum_details(grid, nflux, nivar, opts, z=z, second_pass=True)
+        nivar = np.where(fit2.masked, 0.0, nivar)
+        nflux, nivar = normalize(nflux, nivar, fit2.continuum)
+        cont = cont * fit2.continuum
+    info: dict[str, Any] = {
+        "continuum_blue_end_wave": float(grid[fit.blue_end]) if fit.blue_end else float("nan"),
+        "continuum_masked_pixels": int(np.count_nonzero(has_data & ~(nivar > 0))),
+        "continuum_converged": fit.converged,
+        "continuum_stop": fit.stop,
+        "continuum_iterations": fit.n_iter,
+    }
+    return cont, nflux, nivar, info
 
 
 def preprocess_spectrum(
@@ -810,7 +1066,9 @@ def preprocess_spectrum(
     clean -> (denoise) -> rest frame -> resample onto the common grid -> continuum -> normalise ->
     second pass (refit of the normalised spectrum with stiffer knots and stricter clipping; removes residual
     tilt) -> (optional cross-correlation RV refinement against ``template``, then redo from the rest frame)
-    -> quality checks.
+    -> quality checks. Pixels without usable flux (a blue arm without signal, pixels whose continuum is
+    below their noise; see :func:`fit_continuum_details`) get ``ivar = 0`` and are counted in
+    ``metadata``; they never reject the spectrum.
 
     Parameters
     ----------
@@ -828,7 +1086,8 @@ def preprocess_spectrum(
     -------
     PreprocessResult
         ``status`` is the first failing check in the order 'too_few_pixels' (good fraction on the grid below
-        ``min_good_fraction``), 'low_snr' (measured SNR below ``min_snr``), 'continuum_failed: reason'.
+        ``min_good_fraction``), 'low_snr' (measured SNR below ``min_snr``), 'continuum_failed: reason'
+        (no continuum at all: fewer than ``continuum_min_pixels`` pixels with usable flux).
 
     Raises
     ------
@@ -867,6 +1126,7 @@ def preprocess_spectrum(
     nflux = np.ones(ngrid)
     nivar = np.zeros(ngrid)
     dv, dv_err = float("nan"), float("nan")
+    info: dict[str, Any] = {}
     rflux, rivar = resample(to_rest_frame(wave, z), flux, ivar, grid, min_coverage=opts.min_coverage)
     gfrac = good_fraction(rivar)
     if gfrac < opts.min_good_fraction:
@@ -874,7 +1134,7 @@ def preprocess_spectrum(
     elif not (snr >= opts.min_snr):
         status = "low_snr"
     try:
-        cont, nflux, nivar = _normalise_on_grid(grid, rflux, rivar, opts, z)
+        cont, nflux, nivar, info = _normalise_on_grid(grid, rflux, rivar, opts, z)
         if opts.refine_rv and template is not None:
             dv, dv_err = refine_rv(
                 grid,
@@ -892,7 +1152,7 @@ def preprocess_spectrum(
                     to_rest_frame(wave, z), flux, ivar, grid, min_coverage=opts.min_coverage
                 )
                 gfrac = good_fraction(rivar)
-                cont, nflux, nivar = _normalise_on_grid(grid, rflux, rivar, opts, z)
+                cont, nflux, nivar, info = _normalise_on_grid(grid, rflux, rivar, opts, z)
             else:
                 logger.debug("RV refinement failed for %s", meta.get("filename"))
     except ContinuumError as exc:
@@ -901,6 +1161,7 @@ def preprocess_spectrum(
         cont = np.full(ngrid, np.nan)
         nflux = np.ones(ngrid)
         nivar = np.zeros(ngrid)
+        info = {}
 
     masked = ~(nivar > 0)
     out_flux = np.where(masked, 1.0, nflux) if opts.fill_masked else nflux
@@ -928,6 +1189,7 @@ def preprocess_spectrum(
         rv_correction_kms=float(dv),
         rv_correction_err_kms=float(dv_err),
         stages=stages,
+        metadata=info,
     )
 
 
