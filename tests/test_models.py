@@ -96,3 +96,44 @@ def test_prepare_input_channels() -> None:
     assert torch.allclose(two[0, 0], one[0, 0])
     # sigma = ivar**-0.5, capped; pixels without data take the cap
     assert torch.allclose(two[0, 1], torch.tensor([0.1, SIGMA_CAP, SIGMA_CAP, 0.2, SIGMA_CAP]))
+
+
+def test_mc_dropout_shares_the_trunk_when_dropout_is_only_in_the_head(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Head-only dropout: the trunk runs once per batch and the samples equal full-network MC passes
+    (the same dropout masks are drawn); with dropout in the blocks the full path is taken."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from specabund.predict import uncertainty
+    from specabund.training.data import LabelScaler
+    from specabund.training.saved import LoadedModel
+
+    torch.manual_seed(0)
+    cfg = default_config("rescnn_small", dropout=0.0, head_dropout=0.2)
+    net = build_model(cfg, 256, 3)
+    scaler = LabelScaler(mean=np.zeros(3), std=np.ones(3))
+    member = LoadedModel(net, Path("mem"), {}, ["A", "B", "C"], scaler, cfg)
+    rng = np.random.default_rng(1)
+    X = (1 + 0.05 * rng.normal(size=(10, 256))).astype(np.float32)
+    iv = np.full_like(X, 400.0)
+    assert uncertainty.head_only_dropout(net)
+    calls = {"trunk": 0}
+    trunk = net.trunk
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        calls["trunk"] += 1
+        return trunk(x)
+
+    monkeypatch.setattr(net, "trunk", counting)
+    fast = uncertainty._sample_member(member, X, iv, 20, batch_size=5, max_rows=40, seed=3)
+    assert calls["trunk"] == 2  # once per batch of 5, not once per sample
+    monkeypatch.setattr(uncertainty, "head_only_dropout", lambda n: False)
+    slow = uncertainty._sample_member(member, X, iv, 20, batch_size=5, max_rows=40, seed=3)
+    for a, b in zip(fast[:3], slow[:3], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert np.all(fast[1] > 0)  # the samples differ: a model term exists
+    monkeypatch.undo()
+    assert not uncertainty.head_only_dropout(build_model(default_config("rescnn_small", dropout=0.1), 256, 3))

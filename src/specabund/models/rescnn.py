@@ -141,11 +141,19 @@ class SpectralResCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(mean, log_variance)``, each ``(batch, n_labels)``; the log-variance is clamped."""
+        return self.head_forward(self.trunk(x))
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional trunk: pooled features ``(batch, channels, pool_bins)``."""
         if x.ndim != 3 or x.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"expected input (batch, {self.config.in_channels}, pixels), got {tuple(x.shape)}"
             )
-        h = self.pool(self.blocks(self.stem(x)))
+        return self.pool(self.blocks(self.stem(x)))
+
+    def head_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head on trunk features: ``(mean, log_variance)``. With dropout only in the head (the default
+        since the accuracy ablation), MC-Dropout runs the trunk once and samples only this part."""
         out = self.head(h).float()
         mean, logvar = out[:, : self.n_labels], out[:, self.n_labels :]
         return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)

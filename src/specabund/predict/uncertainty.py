@@ -182,6 +182,16 @@ def validate_labels(predictor: Predictor, requested: Sequence[str] | None) -> li
     return resolve_labels(list(requested) if requested else None, predictor.labels, what="model's labels")
 
 
+def head_only_dropout(net: nn.Module) -> bool:
+    """Whether every active dropout layer of ``net`` sits in its head after a ``trunk`` it exposes
+    (``trunk(x)`` and ``head_forward(h)``): then MC samples can share one pass through the trunk."""
+    head = getattr(net, "head", None)
+    if not (hasattr(net, "trunk") and hasattr(net, "head_forward") and isinstance(head, nn.Module)):
+        return False
+    in_head = {id(m) for m in dropout_modules(head)}
+    return all(id(m) in in_head for m in dropout_modules(net))
+
+
 @torch.inference_mode()
 def _sample_member(
     member: LoadedModel,
@@ -210,6 +220,7 @@ def _sample_member(
         if n_samples <= 1:
             net.eval()
         k_total = n_samples if n_active > 0 else 1
+        shared_trunk = k_total > 1 and head_only_dropout(net)
         stack.enter_context(seeded_torch(seed, dev))
         for start in range(0, n, batch_size):
             xb = torch.from_numpy(X[start : start + batch_size]).to(dev)
@@ -219,10 +230,15 @@ def _sample_member(
             r = max(1, min(k_total, max_rows // b))
             mus, lvs = [], []
             done = 0
+            feats = net.trunk(inp) if shared_trunk else None  # type: ignore[operator]
             while done < k_total:
                 rr = min(r, k_total - done)
-                x_in = inp.repeat(rr, 1, 1) if rr > 1 else inp
-                mu, lv = net(x_in)
+                if feats is not None:
+                    h = feats.repeat(rr, 1, 1) if rr > 1 else feats
+                    mu, lv = net.head_forward(h)  # type: ignore[operator]
+                else:
+                    x_in = inp.repeat(rr, 1, 1) if rr > 1 else inp
+                    mu, lv = net(x_in)
                 mus.append(mu.double().reshape(rr, b, n_lab))
                 lvs.append(lv.double().reshape(rr, b, n_lab))
                 done += rr
