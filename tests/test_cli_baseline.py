@@ -30,7 +30,17 @@ def test_baseline_cli_batches_comparison_and_show(work: Path) -> None:
     assert m and m.group(1) == m.group(2) and int(m.group(1)) >= 2, out
     n_batches = int(m.group(1))
     comp = pd.read_csv(work / "results" / "baseline" / "comparison.csv")
-    assert list(comp.columns) == ["model", "element", "snr_bin", "n", "rmse", "robust_scatter", "bias", "r2"]
+    assert list(comp.columns) == [
+        "model",
+        "element",
+        "snr_bin",
+        "n",
+        "rmse",
+        "robust_scatter",
+        "bias",
+        "r2",
+        "rmse_ratio_labels_only",
+    ]
     assert set(comp["model"]) == {"lightgbm"} and "all" in set(comp["snr_bin"])
     folder = work / "results" / "baseline_MG_FE_lightgbm_batch_results"
     assert (folder / "batch_tracking.csv").exists() and (folder / "MG_FE_lightgbm_batch_trends.png").exists()
@@ -67,3 +77,25 @@ def test_baseline_cli_cannon_settings_reach_the_model(work: Path) -> None:
         main, ["--workdir", str(work), "baseline", "--model", "cannon", "--cannon-order", "5"]
     )
     assert r.exit_code == 2 and "cannon-order" in r.output
+
+
+def test_labels_only_baseline_and_ratio(work: Path) -> None:
+    """The labels-only baseline (trees on catalogue Teff/logg/[Fe/H]) sets the ratio column of every model."""
+    out = _invoke(work, "--element", "CA_FE", "--model", "labels_only", "--n-threads", "2")
+    assert re.search(r"CA_FE labels_only: batches 1/1", out), out
+    _invoke(work, "--element", "CA_FE", "--model", "xgboost", "--n-threads", "2")
+    comp = pd.read_csv(work / "results" / "baseline" / "comparison.csv").set_index(
+        ["model", "element", "snr_bin"]
+    )
+    lo = comp.loc[("labels_only", "CA_FE", "all")]
+    xg = comp.loc[("xgboost", "CA_FE", "all")]
+    assert lo["rmse_ratio_labels_only"] == pytest.approx(1.0)
+    assert xg["rmse_ratio_labels_only"] == pytest.approx(xg["rmse"] / lo["rmse"])
+    meta = (
+        work / "results" / "baseline_CA_FE_labels_only_batch_results" / "models" / "batch_1.json"
+    ).read_text()
+    assert '"given"' in meta and '"lightgbm"' in meta
+    shown = CliRunner().invoke(
+        main, ["--workdir", str(work), "show-results", "--result-type", "baseline", "--elements", "CA_FE"]
+    )
+    assert shown.exit_code == 0 and "labels-only check" in shown.output, shown.output

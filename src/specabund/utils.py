@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +16,19 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError, SpecabundError
+
+#: Errors that concern the file being written whatever path they name.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def _is_write_error(exc: BaseException, path: Path, tmp: str) -> bool:
+    """Whether ``exc`` is an OS error about writing ``path`` (not, e.g., about reading an input meanwhile)."""
+    if not isinstance(exc, OSError) or isinstance(exc, SpecabundError):
+        return False
+    if exc.errno in _WRITE_ERRNOS or exc.filename is None:
+        return exc.errno is not None
+    return str(exc.filename) in (tmp, str(path), str(path.parent))
 
 
 @contextlib.contextmanager
@@ -24,20 +37,76 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[I
 
     A crash or exception leaves the old ``path`` (if any) untouched and removes the
     temporary file, so readers never see a half-written file.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be created or written, or the disk is full (names ``path`` and the cause).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if _is_write_error(exc, path, tmp):
+            assert isinstance(exc, OSError)
+            raise OutputError(path, exc) from exc
         raise
+
+
+def ensure_dir(path: str | Path) -> Path:
+    """Create the folder ``path`` (and its parents) if needed and return it.
+
+    Raises
+    ------
+    OutputError
+        It cannot be created (read-only file system, a parent is a file, no permission, ...).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(path, exc) from exc
+    if not path.is_dir():
+        raise OutputError(path, NotADirectoryError(errno.ENOTDIR, "Not a directory", str(path)))
+    return path
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return max(len(os.sched_getaffinity(0)), 1)
+        except OSError:
+            pass
+    return max(os.cpu_count() or 1, 1)
+
+
+def cap_workers(requested: int, what: str = "workers") -> tuple[int, str | None]:
+    """Bound a number of worker processes or threads by the CPUs available.
+
+    Returns
+    -------
+    n : int
+        ``requested`` if it is at most :func:`available_cpus`, else that number.
+    message : str or None
+        Why it was lowered (``None`` when it was not), for the command line to show.
+    """
+    cpus = available_cpus()
+    requested = int(requested)
+    if requested <= cpus:
+        return max(requested, 1), None
+    return cpus, f"{what} = {requested} is more than the {cpus} CPU(s) available; using {cpus}"
 
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
@@ -59,6 +128,24 @@ class NpzWriter:
     def __init__(self, fh: IO[bytes]) -> None:
         self._zf = zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
 
+    def __enter__(self) -> NpzWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Drop an archive whose writing failed without finishing it.
+
+        Nothing more is written to the file, and the archive's finaliser does not try to write its central
+        directory into the (by then closed) file, which would print "Exception ignored ... seek of closed
+        file" after the real error.
+        """
+        self._zf.fp = None
+
     def add_array(self, name: str, arr: Any) -> None:
         arr = np.asarray(arr)
         self.add_chunks(name, arr.shape, arr.dtype, [arr])
@@ -71,12 +158,16 @@ class NpzWriter:
         info.compress_type = zipfile.ZIP_STORED
         written = 0
         row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) else dtype.itemsize
-        with self._zf.open(info, "w", force_zip64=True) as out:
-            np.lib.format.write_array_header_2_0(out, _npy_header(shape, dtype))
-            for chunk in chunks:
-                c = np.ascontiguousarray(chunk, dtype=dtype)
-                out.write(c.tobytes())
-                written += c.nbytes
+        try:
+            with self._zf.open(info, "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_2_0(out, _npy_header(shape, dtype))
+                for chunk in chunks:
+                    c = np.ascontiguousarray(chunk, dtype=dtype)
+                    out.write(c.tobytes())
+                    written += c.nbytes
+        except BaseException:
+            self.abandon()
+            raise
         expected = row_bytes * (shape[0] if len(shape) else 1)
         if written != expected:
             raise ValueError(f"array {name!r}: wrote {written} bytes, shape {shape} needs {expected}")
@@ -90,11 +181,9 @@ def atomic_savez(path: str | Path, **arrays: Any) -> None:
     for key, arr in arrays.items():
         if np.asarray(arr).dtype == object:
             raise TypeError(f"array {key!r} has dtype object; npz files must load without pickle")
-    with atomic_write(path, "wb") as fh:
-        w = NpzWriter(fh)
+    with atomic_write(path, "wb") as fh, NpzWriter(fh) as w:
         for key, arr in arrays.items():
             w.add_array(key, arr)
-        w.close()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -1,27 +1,47 @@
-"""The working directory and its runtime folders (created on demand, never inside the package)."""
+"""The working directory and its runtime folders (created on demand, never inside the package), and the
+lock that keeps two runs out of one output folder."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from .errors import LockedError, OutputError
+from .utils import ensure_dir
+
+try:  # POSIX: the kernel drops the lock when its process dies, so a lock is never stale
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 RUNTIME_FOLDERS: tuple[str, ...] = ("fits", "processed_data", "models", "results", "logs", "plots")
+
+#: Name of the lock file a running command keeps in its output folder.
+LOCK_FILE = ".specabund.lock"
 
 
 @dataclass(frozen=True)
 class Workspace:
     """Paths of the runtime folders under ``root``.
 
-    Each accessor creates its folder (and the given sub-folders) on first use.
+    Each accessor creates its folder (and the given sub-folders) on first use; a folder that cannot be
+    created raises :class:`~specabund.errors.OutputError` naming it and the cause.
     """
 
     root: Path
 
     def _dir(self, name: str, *sub: str) -> Path:
-        p = self.root.joinpath(name, *sub)
-        p.mkdir(parents=True, exist_ok=True)
-        return p
+        return ensure_dir(self.root.joinpath(name, *sub))
 
     def fits(self, *sub: str) -> Path:
         return self._dir("fits", *sub)
@@ -50,3 +70,192 @@ class Workspace:
 def timestamp() -> str:
     """UTC time stamp for run and log names, e.g. ``20261129-101500``."""
     return datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+
+
+# ------------------------------------------------------------------------------------------------ lock
+
+# folders this process holds, with a use count (a command may lock one folder twice)
+_HELD: dict[str, tuple[int, int]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _pid_alive(pid: int, started: float | None) -> bool:
+    """Whether process ``pid`` runs and (when ``started`` is known) is the one that started then."""
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return started is None or abs(proc.create_time() - started) < 2.0
+    except Exception:
+        return False
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(info: dict[str, Any]) -> str:
+    if not info:
+        return "another specabund command"
+    who = f"'{info.get('command', 'specabund')}' (pid {info.get('pid', '?')}"
+    if info.get("host") and info.get("host") != socket.gethostname():
+        who += f" on {info['host']}"
+    return who + f", started {info.get('started', '?')})"
+
+
+class FolderLock:
+    """Exclusive use of an output folder by one running command.
+
+    The lock is the file ``.specabund.lock`` in the folder, holding who took it (command, pid, host, start
+    time). On POSIX systems it is also ``flock``-ed, so the kernel releases it when its process dies, even
+    on ``kill -9``: a lock file left behind by a dead process is taken over silently (logged). Without
+    ``flock`` (Windows, some network file systems) a lock whose process no longer runs on this host is
+    taken over. Re-entrant within one process.
+
+    Parameters
+    ----------
+    folder : path
+        The output folder (created if needed).
+    command : str
+        What holds it, shown to a second command that is refused (e.g. ``'specabund predict'``).
+
+    Raises
+    ------
+    LockedError
+        On :meth:`acquire`, when another live process holds the folder.
+    """
+
+    def __init__(self, folder: str | Path, command: str = "specabund") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self.command = command
+        self._key = ""
+        self._fd: int | None = None
+
+    def _info(self) -> str:
+        started = None
+        with contextlib.suppress(Exception):
+            import psutil
+
+            started = psutil.Process(os.getpid()).create_time()
+        return json.dumps(
+            {
+                "command": self.command,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                "process_created": started,
+            }
+        )
+
+    def _refuse(self, info: dict[str, Any]) -> LockedError:
+        return LockedError(
+            f"{self.folder} is in use by {_describe(info)}; wait for it to finish or choose another "
+            f"output folder (if no such process runs, delete {self.path})"
+        )
+
+    def acquire(self) -> FolderLock:
+        """Take the lock (see the class docstring); return ``self``."""
+        ensure_dir(self.folder)
+        self._key = str(self.folder.resolve())
+        with _HELD_GUARD:
+            if self._key in _HELD:
+                fd, count = _HELD[self._key]
+                _HELD[self._key] = (fd, count + 1)
+                return self
+        fd = self._acquire_flock() if fcntl is not None else self._acquire_pidfile()
+        with _HELD_GUARD:
+            _HELD[self._key] = (fd, 1)
+        return self
+
+    def _write(self, fd: int) -> None:
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, self._info().encode())
+
+    def _acquire_flock(self) -> int:
+        for _ in range(50):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(self.folder, exc) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refuse(_read_info(self.path)) from None
+            except OSError as exc:  # no flock on this file system: fall back to the pid file
+                os.close(fd)
+                logger.debug("flock unavailable on %s (%s); using the pid check", self.path, exc)
+                return self._acquire_pidfile()
+            try:  # a holder releasing its lock unlinks the file: make sure we locked the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            old = _read_info(self.path)
+            if old:
+                logger.info(
+                    "taking over the lock of %s left by %s, which has ended", self.folder, _describe(old)
+                )
+            try:
+                self._write(fd)
+            except OSError as exc:
+                os.close(fd)
+                raise OutputError(self.folder, exc) from exc
+            return fd
+        raise LockedError(f"{self.folder}: could not take the lock {self.path} (it keeps changing)")
+
+    def _acquire_pidfile(self) -> int:
+        for _ in range(50):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                old = _read_info(self.path)
+                same_host = old.get("host") in (None, socket.gethostname())
+                pid = old.get("pid")
+                if isinstance(pid, int) and same_host and not _pid_alive(pid, old.get("process_created")):
+                    logger.info("taking over the stale lock of %s left by %s", self.folder, _describe(old))
+                    stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+                    with contextlib.suppress(OSError):
+                        os.replace(self.path, stale)
+                        stale.unlink()
+                    continue
+                raise self._refuse(old) from None
+            except OSError as exc:
+                raise OutputError(self.folder, exc) from exc
+            try:
+                self._write(fd)
+            except OSError as exc:
+                os.close(fd)
+                raise OutputError(self.folder, exc) from exc
+            return fd
+        raise LockedError(f"{self.folder}: could not take the lock {self.path} (it keeps changing)")
+
+    def release(self) -> None:
+        """Give the lock back (the last release of this process removes the lock file)."""
+        with _HELD_GUARD:
+            held = _HELD.get(self._key)
+            if held is None:
+                return
+            fd, count = held
+            if count > 1:
+                _HELD[self._key] = (fd, count - 1)
+                return
+            del _HELD[self._key]
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

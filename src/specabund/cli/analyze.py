@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import main, setup_logging
+from . import lock_output, main, setup_logging
 from .options import config_option, elements_option
 
 log = logging.getLogger("specabund.cli")
@@ -136,8 +136,7 @@ def analyze_cmd(
     click.echo(f"model {run_dir.name} on {dev}; data {path} ({len(ds)} spectra); labels {', '.join(labels)}")
     for kind in kinds:
         out = results / (FEATURE_IMPORTANCE_DIR if kind == "feature_importance" else RESIDUAL_ANALYSIS_DIR)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "resolved_config.toml")
+        lock_output(ctx, out)
         for lab in labels:
             if kind == "feature_importance":
                 res = run_feature_importance(
@@ -169,6 +168,7 @@ def analyze_cmd(
             for role in ("plot", "regions", "explanation", "report", "predictions", "batch_folder"):
                 if role in res.files:
                     click.echo(f"  {role}: {res.files[role]}")
+        save_config(cfg, out / "resolved_config.toml")
     click.echo(f"log: {log_file}")
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ..errors import SpecabundError
-from . import main, setup_logging
+from . import bounded_workers, lock_output, main, setup_logging
 from .options import MultiValueOption, config_option, resolve_in_workdir
 
 log = logging.getLogger("specabund.cli")
@@ -27,10 +27,11 @@ main.commands.pop("baseline", None)
 @click.option(
     "--model",
     "model_name",
-    type=click.Choice(["xgboost", "lightgbm", "cannon", "both", "all"]),
+    type=click.Choice(["xgboost", "lightgbm", "cannon", "labels_only", "both", "all"]),
     default="both",
     show_default=True,
-    help="'both' = XGBoost + LightGBM; 'all' adds the Cannon.",
+    help="'both' = XGBoost + LightGBM; 'all' adds the Cannon and labels_only (LightGBM on the catalogue's "
+    "Teff, logg, [Fe/H] alone, no spectrum: what the correlations give).",
 )
 @click.option(
     "--data-path",
@@ -150,7 +151,9 @@ def baseline_cmd(
     labels = resolve_labels(
         elements or None, ds.elements if elements else available, what=f"{data_path.name}"
     )
-    save_config(cfg, ws.results("baseline") / "resolved_config.toml")
+    lock_output(ctx, ws.results("baseline"))  # comparison.csv is shared by every baseline run
+    if b["n_threads"]:
+        b["n_threads"] = bounded_workers(b["n_threads"], "--n-threads")
     snr_bins = tuple(cfg["evaluation"]["snr_bins"])
     for lab in labels:
         res: dict[str, Any] = run_baseline(
@@ -172,4 +175,13 @@ def baseline_cmd(
                 f"{lab} {model:>9}: batches {r['batches_done']}/{r['n_batches']}  test RMSE {t['rmse']:.4g}  "
                 f"robust scatter {t['robust_scatter']:.4g}  bias {t['bias']:+.3g}  R2 {t['r2']:.3f}"
             )
+    save_config(cfg, ws.results("baseline") / "resolved_config.toml")
     click.echo(f"comparison: {results_root / 'baseline' / 'comparison.csv'}")
+    from ..baselines.comparison import labels_only_verdicts, read_comparison
+
+    for _, v in labels_only_verdicts(read_comparison(results_root)).iterrows():
+        if v["verdict"] and v["element"] in labels:
+            click.echo(
+                f"{v['element']} {v['model']:>9}: RMSE {v['rmse_ratio_labels_only']:.2f} x labels-only: "
+                f"{v['verdict']}"
+            )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from . import main, setup_logging
+from . import bounded_workers, lock_output, main, setup_logging
 from .options import config_option, elements_option, resolve_in_workdir
 
 log = logging.getLogger("specabund.cli")
@@ -59,7 +59,7 @@ def simulate_cmd(
 
     ws = ctx.obj["ws"]
     setup_logging(ws, "simulate", ctx.obj["verbose"])
-    out = ws.resolve(output_dir)
+    out = lock_output(ctx, ws.resolve(output_dir))
     summary = simulate_dataset(
         n,
         out,
@@ -68,7 +68,7 @@ def simulate_cmd(
         gzip=gzip,
         independent=independent,
         prediction_fraction=prediction_fraction,
-        n_workers=n_workers,
+        n_workers=bounded_workers(n_workers),
     )
     click.echo(f"wrote {n} simulated spectra to {out / 'fits'}")
     for k, v in summary.items():
@@ -119,7 +119,17 @@ def simulate_cmd(
     show_default=True,
     help="Stage-by-stage plots of a few spectra and distributions in plots/preprocessing/.",
 )
-@elements_option("Abundances to keep (default: every *_FE column of the reference catalogue).")
+@click.option(
+    "--flag-policy",
+    type=click.Choice(["mask", "keep"]),
+    default=None,
+    help="Catalogue quality flags (MG_FE_FLAG, flag_mg_fe, flag_sp, ASPCAPFLAG STAR_BAD): 'mask' turns "
+    "flagged labels into NaN, 'keep' keeps them [config data.flag_policy: mask].",
+)
+@elements_option(
+    "Labels to keep: any label of the reference catalogue (MG_FE, MG_H, M_H, ALPHA_M, TEFF, LOGG, FE_H) or "
+    "any numeric column (default: every *_FE, *_H, *_M column, else teff, logg, fe_h)."
+)
 @config_option()
 @click.pass_context
 def preprocess_cmd(
@@ -137,6 +147,7 @@ def preprocess_cmd(
     normalize: bool | None,
     seed: int | None,
     plots: bool,
+    flag_policy: str | None,
     elements: tuple[str, ...],
     config_file: str | None,
 ) -> None:
@@ -147,7 +158,9 @@ def preprocess_cmd(
       specabund preprocess --reference-csv X_FE.csv --fits-dir fits --output-dir processed_data
       specabund preprocess --prediction-csv galah_X_FE.csv --fits-dir fits
       specabund preprocess --reference-csv X_FE.csv --prediction-csv galah_X_FE.csv --n-workers 2
+      specabund preprocess --reference-csv lasp_labels.csv --fits-dir fits --elements TEFF LOGG FE_H
     """
+    from ..catalog import CatalogRules
     from ..config import load_config, save_config
     from ..preprocess import PipelineSettings, run_preprocess
     from ..preprocess.pipeline import split_options
@@ -166,12 +179,13 @@ def preprocess_cmd(
             "preprocess.normalize": normalize,
             "data.seed": seed,
             "data.elements": list(elements) if elements else None,
+            "data.flag_policy": flag_policy,
         },
     )
     opts, pipe = split_options(cfg["preprocess"])
     settings = PipelineSettings(
         chunk_size=pipe["chunk_size"],
-        n_workers=pipe["n_workers"],
+        n_workers=bounded_workers(pipe["n_workers"]),
         batch_size=pipe["batch_size"],
         normalize=pipe["normalize"],
         n_plot_examples=pipe["n_plot_examples"],
@@ -181,12 +195,11 @@ def preprocess_cmd(
         split_fractions=tuple(cfg["data"]["split_fractions"]),
         elements=list(cfg["data"]["elements"]) or None,
         include_stellar_parameters=cfg["data"]["include_stellar_parameters"],
+        catalog_rules=CatalogRules.from_config(cfg["data"]),
         progress=True,
     )
     fdir = ws.resolve(fits_dir or cfg["paths"]["fits_dir"])
-    odir = ws.resolve(output_dir or cfg["paths"]["processed_dir"])
-    odir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, odir / "resolved_config.toml")
+    odir = lock_output(ctx, ws.resolve(output_dir or cfg["paths"]["processed_dir"]))
     manifest = run_preprocess(
         fits_dir=fdir,
         output_dir=odir,
@@ -196,6 +209,7 @@ def preprocess_cmd(
         settings=settings,
         plots_dir=ws.root / "plots" if plots else None,
     )
+    save_config(cfg, odir / "resolved_config.toml")
     click.echo(f"preprocessed into {odir} (labels: {', '.join(manifest['labels']) or 'none'})")
     for name, c in manifest["counts"].items():
         click.echo(f"  {name}: {c}")

@@ -63,11 +63,30 @@ def resolve_in_workdir(ctx: click.Context, param: click.Parameter, value: Any) -
     return ws.resolve(value)
 
 
+def _config_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """``--config``: relative to ``--workdir``; a file that is not UTF-8 text is refused here."""
+    path = resolve_in_workdir(ctx, param, value)
+    if path is not None and Path(path).is_file():
+        try:
+            Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise click.BadParameter(
+                f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); a configuration is TOML",
+                ctx=ctx,
+                param=param,
+            ) from None
+        except OSError as exc:
+            raise click.BadParameter(
+                f"{path}: cannot be read ({exc.strerror})", ctx=ctx, param=param
+            ) from None
+    return path
+
+
 def config_option() -> Any:
     return click.option(
         "--config",
         "config_file",
         type=click.Path(dir_okay=False, path_type=Path),
-        callback=resolve_in_workdir,
+        callback=_config_file,
         help="TOML file overlaying configs/default.toml; flags override both.",
     )

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from . import main, setup_logging
+from . import bounded_workers, lock_output, main, setup_logging
 from .options import config_option, elements_option
 
 main.commands.pop("predict", None)
@@ -83,7 +83,7 @@ def predict_cmd(
       specabund predict --files 'fits/**/*.fits.gz' --catalog galah_X_FE.csv --ensemble-mode
       specabund predict --calibrate --data-path processed_data/val_dataset.npz --model RUN
     """
-    from ..config import load_config, save_config
+    from ..config import dumps, load_config, save_config
     from ..dataset import load_dataset
     from ..plotting import save_figure
     from ..predict import (
@@ -99,7 +99,7 @@ def predict_cmd(
     from ..predict.plots import z_histogram_figure
     from ..runs import resolve_run
     from ..training import load_model, resolve_device
-    from ..utils import atomic_write_json
+    from ..utils import atomic_write_json, ensure_dir
 
     ws = ctx.obj["ws"]
     log_file = setup_logging(ws, "predict", ctx.obj["verbose"])
@@ -109,13 +109,13 @@ def predict_cmd(
         raise click.UsageError("give only one of --data-path, --fits-dir and --files")
     if calibrate and (fits_dir is not None or files is not None):
         raise click.UsageError("--calibrate needs --data-path (the validation dataset)")
+    n_workers = bounded_workers(n_workers)
     processed = ws.resolve(cfg["paths"]["processed_dir"])
     run_dir = resolve_run(ws.resolve(cfg["paths"]["models_dir"]), model_name)
     dev = resolve_device(device)
     predictor = load_model(run_dir, dev)
-    out = ws.resolve(output_dir) if output_dir is not None else ws.results("predictions")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "resolved_config.toml")
+    out = ensure_dir(ws.resolve(output_dir) if output_dir is not None else ws.results("predictions"))
+    lock_output(ctx, out)
     labels = list(elements) or None
     settings: dict[str, Any] = {
         "model": str(run_dir),
@@ -127,6 +127,7 @@ def predict_cmd(
     }
 
     if calibrate:
+        lock_output(ctx, run_dir)  # the calibration is stored with the model
         val_path = ws.resolve(data_path or processed / "val_dataset.npz")
         tr = ws.resolve(train_data) if train_data else val_path.parent / "train_dataset.npz"
         te = ws.resolve(test_data) if test_data else val_path.parent / "test_dataset.npz"
@@ -149,6 +150,7 @@ def predict_cmd(
         if not no_plots and res.z_val is not None:
             fig = z_histogram_figure(res.labels, res.z_val, res.scale, res.z_test)
             save_figure(fig, out / "calibration_z_histograms.png")
+        save_config(cfg, out / "resolved_config.toml")
         click.echo(f"calibrated {run_dir} ({report['mode']} mode) on {val_path}")
         for lab, e in res.report["labels"].items():
             line = f"  {lab}: scale {e['scale']:.3f}; val 68% coverage {e['val_before']['coverage_68']:.3f}"
@@ -192,6 +194,7 @@ def predict_cmd(
         chunk_size=chunk_size,
         plots=not no_plots,
         extra={"settings": settings},
+        extra_files={"resolved_config.toml": "# resolved specabund configuration\n" + dumps(cfg)},
     )
     click.echo(
         f"predicted {summary['n_predicted']} of {summary['n_input']} spectra "

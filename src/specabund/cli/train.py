@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError, SpecabundError
-from . import main, setup_logging
+from . import bounded_workers, lock_output, main, setup_logging
 from .options import config_option, elements_option, resolve_in_workdir
 
 log = logging.getLogger("specabund.cli")
@@ -67,6 +67,8 @@ def build_configs(cfg: dict[str, Any], device: str) -> tuple[Any, Any, int]:
         t["num_threads"] = (
             len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         )
+    elif isinstance(t["num_threads"], int) and not isinstance(t["num_threads"], bool):
+        t["num_threads"] = bounded_workers(t["num_threads"], "training.num_threads")
     try:
         train_cfg = TrainConfig.from_dict(t)
     except TypeError as exc:
@@ -90,6 +92,56 @@ def tracking_name(labels: list[str]) -> str:
 # --------------------------------------------------------------------------------------------- train
 
 
+#: What ``train`` was asked for, kept in the run folder so that ``--resume RUN`` alone continues it.
+TRAIN_ARGS_FILE = "train_args.json"
+RESOLVED_CONFIG = "resolved_config.toml"
+
+
+def _run_config(run_dir: Path | None, config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The resolved configuration; on resume the run's own ``resolved_config.toml`` replaces the defaults
+    (then ``--config``, then the flags), so a resumed run is configured like its first attempt."""
+    from ..config import default_config, dotted_to_nested, load_config, merge, read_toml, validate
+
+    resolved = run_dir / RESOLVED_CONFIG if run_dir is not None else None
+    if resolved is None or not resolved.exists():
+        return load_config(config_file, overrides)
+    cfg = merge(default_config(), read_toml(resolved), source=str(resolved))
+    if config_file is not None:
+        cfg = merge(cfg, read_toml(config_file), source=str(config_file))
+    if overrides:
+        cfg = merge(cfg, dotted_to_nested(overrides), source="command line")
+    validate(cfg)
+    return cfg
+
+
+def _read_train_args(run_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = run_dir / TRAIN_ARGS_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SpecabundError(f"{path}: cannot read the arguments of the interrupted run ({exc})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _check_fresh_run_dir(run_dir: Path) -> None:
+    from ..runs import is_partial_run, is_run_dir
+
+    if is_run_dir(run_dir):
+        raise SpecabundError(
+            f"{run_dir} already holds a training run (finished); choose another --run-name, or replace it "
+            "with --overwrite"
+        )
+    if is_partial_run(run_dir):
+        raise SpecabundError(
+            f"{run_dir} already holds a training run (interrupted); continue it with --resume "
+            f"{run_dir.name}, or start afresh with --overwrite"
+        )
+
+
 def _train(
     ctx: click.Context,
     data_path: Path,
@@ -99,23 +151,42 @@ def _train(
     resume: str | None,
     run_name: str | None,
     overwrite: bool = False,
+    data_path_given: bool = True,
 ) -> Path:
-    from ..config import load_config, save_config
+    from ..config import save_config
+    from ..runs import resolve_resumable
     from ..training.trainer import resolve_device, train, train_ensemble
+    from ..utils import atomic_write_json
 
     ws = ctx.obj["ws"]
-    cfg = load_config(config_file, overrides)
+    run_dir: Path | None = None
+    stored: dict[str, Any] = {}
+    if resume:
+        run_dir = resolve_resumable(ws.models(), resume)
+        stored = _read_train_args(run_dir)
+        if not data_path_given and stored.get("data_path"):
+            data_path = Path(stored["data_path"])
+        if not elements and stored.get("elements"):
+            elements = tuple(str(e) for e in stored["elements"])
+    elif run_name is not None:
+        if not run_name.strip() or Path(run_name).name != run_name or run_name in (".", ".."):
+            raise SpecabundError(f"--run-name {run_name!r} must be a plain folder name (no path separators)")
+        run_dir = ws.models() / run_name
+        if not overwrite:
+            _check_fresh_run_dir(run_dir)
+    cfg = _run_config(run_dir if resume else None, config_file, overrides)
     device = str(resolve_device(cfg["training"]["device"]))
     data_path = ws.resolve(data_path)
     tr, va, _ = load_training_data(data_path)
     labels = choose_labels(elements, tr.elements, cfg["data"]["include_stellar_parameters"])
     model_cfg, train_cfg, ensemble = build_configs(cfg, device)
-    if resume:
-        from ..runs import resolve_run
-
-        run_dir = resolve_run(ws.models(), resume)
-    else:
-        run_dir = ws.models() / (run_name or _run_name(labels))
+    if run_dir is None:
+        run_dir = ws.models() / _run_name(labels)
+        if not overwrite:
+            _check_fresh_run_dir(run_dir)
+    lock_output(ctx, run_dir)
+    if not resume and not overwrite:
+        _check_fresh_run_dir(run_dir)  # again, now that no one else can write it
     name = tracking_name(labels)
     plot_dir = ws.results(f"training_{name}_batch_results")
     log.info(
@@ -131,9 +202,31 @@ def _train(
     if manifest.exists():
         import json
 
-        m = json.loads(manifest.read_text(encoding="utf-8"))
-        if m.get("preprocess_hash") == tr.preprocess_hash:
-            extra["preprocess_options"] = {**m["options"], "normalize": m["settings"]["normalize"]}
+        try:
+            m = json.loads(manifest.read_text(encoding="utf-8"))
+            if m.get("preprocess_hash") == tr.preprocess_hash:
+                extra["preprocess_options"] = {**m["options"], "normalize": m["settings"]["normalize"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning(
+                "%s: unreadable (%s); the model will not carry the preprocessing options", manifest, exc
+            )
+    args = {
+        "data_path": str(data_path),
+        "elements": list(elements),
+        "labels": labels,
+        "config_file": str(config_file) if config_file else None,
+        "ensemble": ensemble,
+    }
+    recorded = {"done": False}
+
+    def record_run(epoch: int, row: dict[str, Any]) -> bool:
+        # the resolved configuration and the request are written with the first checkpoint, never before
+        if not recorded["done"]:
+            save_config(cfg, run_dir / RESOLVED_CONFIG)
+            atomic_write_json(run_dir / TRAIN_ARGS_FILE, args)
+            recorded["done"] = True
+        return False
+
     kw = dict(
         resume=bool(resume),
         plot_dir=plot_dir,
@@ -141,13 +234,14 @@ def _train(
         name=name,
         overwrite=overwrite,
         extra_config=extra,
+        callbacks=[record_run],
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "resolved_config.toml")
     if ensemble > 1:
         results = train_ensemble(tr, va, labels, model_cfg, train_cfg, run_dir, ensemble, **kw)
     else:
         results = [train(tr, va, labels, model_cfg, train_cfg, run_dir, **kw)]
+    if not (run_dir / RESOLVED_CONFIG).exists():
+        save_config(cfg, run_dir / RESOLVED_CONFIG)
     for k, res in enumerate(results):
         who = f"member {k}" if ensemble > 1 else "model"
         click.echo(
@@ -190,7 +284,9 @@ _train_options = [
         "--model-name", default=None, help="Registered architecture (rescnn, rescnn_small, rescnn_wide)."
     ),
     click.option("--run-name", default=None, help="Folder name under models/ [labels + time stamp]."),
-    click.option("--overwrite", is_flag=True, help="Replace an existing run of the same name."),
+    click.option(
+        "--overwrite", is_flag=True, help="Replace an existing run of the same name (from scratch)."
+    ),
     config_option(),
 ]
 
@@ -220,7 +316,10 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
 @main.command("train")
 @_apply(_train_options)
 @click.option(
-    "--resume", default=None, help="Continue the run RUN (name under models/ or path) from its checkpoint."
+    "--resume",
+    default=None,
+    help="Continue the run RUN (name under models/ or path) from its last checkpoint, with its own "
+    "configuration, data and labels (flags given now override them).",
 )
 @click.pass_context
 def train_cmd(ctx: click.Context, **kw: Any) -> None:
@@ -233,6 +332,12 @@ def train_cmd(ctx: click.Context, **kw: Any) -> None:
       specabund train --resume C_FE_MG_FE_20261129-101500
     """
     setup_logging(ctx.obj["ws"], "train", ctx.obj["verbose"])
+    if kw["resume"] and kw["overwrite"]:
+        raise click.UsageError("--resume continues a run, --overwrite replaces it: give one of them")
+    given = ctx.get_parameter_source("data_path") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    )
     _train(
         ctx,
         kw["data_path"],
@@ -242,6 +347,7 @@ def train_cmd(ctx: click.Context, **kw: Any) -> None:
         kw["resume"],
         kw["run_name"],
         kw["overwrite"],
+        data_path_given=given,
     )
 
 
@@ -275,12 +381,12 @@ def _test(
     if (ds.split == 2).any() and (ds.split != 2).any():
         ds = ds.split_subset("test")
     labels = resolve_labels(elements or None, loaded.labels, what=f"labels of model {run_dir.name}")
-    out = ws.results("evaluation")
-    save_config(cfg, out / "resolved_config.toml")
+    out = lock_output(ctx, ws.results("evaluation"))
     ev = cfg["evaluation"]
     res = evaluate(
         loaded, ds, labels, out, snr_bins=ev["snr_bins"], logg_split=ev["logg_split"], isochrones=isochrones
     )
+    save_config(cfg, out / "resolved_config.toml")
     _evaluation_batches(ws, loaded, ds, labels, out)
     _cnn_comparison_rows(ws, out, labels, ev["snr_bins"])
     click.echo(f"evaluated model {run_dir.name} on {len(ds)} spectra -> {out}")
@@ -341,7 +447,15 @@ def _cnn_comparison_rows(ws: Any, out: Path, labels: list[str], snr_bins: list[f
                 }
             )
     if rows:
-        update_comparison(ws.root / "results", rows)
+        from ..baselines.comparison import labels_only_verdicts
+
+        table = update_comparison(ws.root / "results", rows)
+        for _, v in labels_only_verdicts(table[table["model"] == "cnn"]).iterrows():
+            if v["verdict"]:
+                click.echo(
+                    f"  {v['element']:>8}: RMSE {v['rmse']:.4g} = {v['rmse_ratio_labels_only']:.2f} x the "
+                    f"labels-only baseline ({v['rmse_labels_only']:.4g}): {v['verdict']}"
+                )
 
 
 def _information_limit(truth: Path, ds: Any, out: Path, labels: list[str], snr_bins: list[float]) -> None:

@@ -9,7 +9,7 @@ import click
 
 from ..config import load_config, save_config
 from ..errors import SpecabundError
-from . import main, setup_logging
+from . import lock_output, main, setup_logging
 from .options import config_option, elements_option
 
 logger = logging.getLogger(__name__)
@@ -137,8 +137,14 @@ def tune_cmd(
     options = TuneOptions.from_config(tcfg, worker_id=worker_id)
     out_dir = ws.results("hyperopt")
     space = SearchSpace.from_config(cfg["tuning_space"], tcfg.get("group_ratios", (1, 2, 3)))
-    save_config(cfg, out_dir / "resolved_config.toml")
-    _, desc = resolve_storage(options.storage, out_dir, options.study_name)
+    try:
+        _, desc = resolve_storage(options.storage, out_dir, options.study_name)
+    except optuna.exceptions.OptunaError as exc:
+        raise SpecabundError(f"tuning.storage: {exc}") from exc
+    if desc.startswith("sqlite:"):
+        # SQLite serves one process: a second tune into the same results is refused (journal and RDB
+        # storages are meant to be shared by several workers)
+        lock_output(ctx, out_dir)
 
     if report_only:
         study, desc = open_study(options, out_dir)
@@ -177,6 +183,7 @@ def tune_cmd(
             seed=options.seed,
         )
         logger.info("this process finished trials %s; the study holds %d", result.ran, result.n_done)
+    save_config(cfg, out_dir / "resolved_config.toml")
     click.echo((out_dir / "summary.txt").read_text(encoding="utf-8"), nl=False)
     if summary.get("best"):
         click.echo(f"best: {out_dir / 'best_params.toml'}\nrobust: {out_dir / 'robust_params.toml'}")

@@ -16,7 +16,7 @@ Outputs in ``out_dir``:
 ``flag_reason``
     ``'; '``-joined human-readable reasons ('' when ``flag == 0``).
 ``summary.json``
-    counts, flags, settings, calibration state and speed.
+    counts, flags, settings, calibration state, speed and the list of files of the run (``files``).
 With reference labels: ``metrics.json``, ``metrics.csv``, ``<LABEL>_one_to_one.png``,
 ``residual_histograms.png``, ``<LABEL>_distribution.png``.
 With repeat observations (a group with two or more predicted spectra): ``repeats.csv``, ``repeats.json``,
@@ -24,25 +24,37 @@ With repeat observations (a group with two or more predicted spectra): ``repeats
 Per-batch results (``batch_root/prediction_<LABEL>_batch_results/``): per batch of ``chunk_size`` spectra
 a distribution plot and a row of statistics (and metrics against the reference) in ``batch_tracking.csv``,
 plus the trend plot and summary (:class:`~specabund.tracking.BatchTracker`).
+
+All-or-nothing: the files of ``out_dir`` are first written into a hidden staging folder inside it and
+moved into place only when every one of them was written, so an error (full disk, an unwritable value)
+or a kill leaves the previous run's catalogue, summary and reports as they were, and no partial file.
+Files of the previous run that the new one does not write (e.g. ``metrics.json`` when the new input has
+no reference labels) are removed, so the folder always describes one run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import logging
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ..errors import OutputError
 from ..metrics import regression_metrics
 from ..plotting import save_figure
 from ..tracking import TRACKING_FILE, BatchTracker
 from ..training import plots as train_plots
-from ..utils import atomic_write, atomic_write_json
+from ..utils import atomic_write, atomic_write_json, atomic_write_text, ensure_dir
 from .calibration import LEVELS, StoredCalibration, coverage, load_stored, mode_name, z_scores
 from .inputs import PredictionInputs
 from .ood import out_of_range
@@ -72,24 +84,39 @@ def contract_columns(labels: Sequence[str]) -> list[str]:
     return [*cols, "flag", "flag_reason"]
 
 
+def _fits_text(x: Any) -> str:
+    """FITS tables hold ASCII only: other characters become Python escapes (``é`` -> ``\\xe9``)."""
+    return str(x).encode("ascii", "backslashreplace").decode("ascii").replace("\0", "\\x00")
+
+
 def write_table(df: pd.DataFrame, out_dir: Path, stem: str = "predictions") -> tuple[Path, Path]:
-    """Write ``df`` as ``<stem>.csv`` and a FITS binary table ``<stem>.fits`` (both atomic)."""
+    """Write ``df`` as ``<stem>.csv`` (UTF-8) and a FITS binary table ``<stem>.fits`` (both atomic).
+
+    FITS strings are ASCII: non-ASCII characters of text columns (e.g. a ``spec`` name with accents) are
+    written as backslash escapes there (``\\xe9``, ``\\u2013``) and kept as they are in the CSV.
+    """
     from astropy.table import Table
 
     csv_path = out_dir / f"{stem}.csv"
     fits_path = out_dir / f"{stem}.fits"
-    with atomic_write(csv_path, "w", encoding="utf-8", newline="") as fh:
-        df.to_csv(fh, index=False)
     t = Table()
+    escaped = False
     for col in df.columns:
         v = df[col].to_numpy()
-        if v.dtype == object:
-            v = np.array([str(x) for x in v], dtype=str)
+        if v.dtype == object or v.dtype.kind == "U":
+            text = [str(x) for x in v]
+            safe = [_fits_text(x) for x in text]
+            escaped = escaped or safe != text
+            v = np.array(safe, dtype=str)
             if v.dtype.itemsize == 0 or len(v) == 0:
                 v = v.astype("U1")
-        t[col] = v
+        t[_fits_text(col)] = v
+    if escaped:
+        t.meta["comments"] = ["non-ASCII characters of text columns are written as backslash escapes"]
     buf = io.BytesIO()
     t.write(buf, format="fits")
+    with atomic_write(csv_path, "w", encoding="utf-8", newline="") as fh:
+        df.to_csv(fh, index=False)
     with atomic_write(fits_path, "wb") as fh:
         fh.write(buf.getvalue())
     return csv_path, fits_path
@@ -115,6 +142,7 @@ def run_prediction(
     chunk_size: int = 10000,
     plots: bool = True,
     extra: dict[str, Any] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Predict every ``ok`` row of ``inputs`` and write the catalogue and reports (module docstring).
 
@@ -143,16 +171,24 @@ def run_prediction(
         Write the figures.
     extra : dict, optional
         Added to ``summary.json`` (e.g. the command-line settings).
+    extra_files : mapping of str to str, optional
+        Further text files of the run (name -> content, e.g. ``resolved_config.toml``), committed together
+        with the catalogue.
 
     Returns
     -------
     dict
         The content of ``summary.json``.
+
+    Raises
+    ------
+    OutputError
+        A file cannot be written (full disk, read-only folder): nothing of this run is left in ``out_dir``
+        and the previous run's files are unchanged.
     """
     t0 = time.perf_counter()
     labs = validate_labels(predictor, labels)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ensure_dir(out_dir)
     if int(inputs.ok.sum()):
         predictor.check_compatible(inputs.as_dataset())
     stored = calibration if calibration is not None else load_stored(predictor, ensemble_mode)
@@ -219,7 +255,10 @@ def run_prediction(
             _track_batch(trackers, k, labs, pred, rows, inputs, flag, plots)
     for tr in trackers.values():
         if tr.completed():
-            tr.finalize()
+            if plots:
+                tr.finalize()
+            else:  # the summary without the trend figure
+                atomic_write_text(tr.folder / f"{tr.name}_batch_summary.txt", tr.summary_text())
 
     df = pd.DataFrame({"spec": inputs.spec, "obsid": inputs.obsid})
     for j, lab in enumerate(labs):
@@ -237,50 +276,109 @@ def run_prediction(
     ref_labels = [lab for lab in labs if lab in inputs.reference]
     for lab in ref_labels:
         df[f"{lab}_ref"] = inputs.reference[lab]
-    write_table(df, out_dir)
-
-    summary: dict[str, Any] = {
-        "model": str(predictor.run_dir),
-        "mode": mode_name(ensemble_mode),
-        "labels": labs,
-        "mc_samples": pred_meta["n_samples"],
-        "n_members": pred_meta["n_members"],
-        "seed": seed,
-        "n_input": n,
-        "n_predicted": n_ok,
-        "n_failed": int((flag & FLAG_FAILED).astype(bool).sum()),
-        "n_flagged": int((flag != 0).sum()),
-        "flag_bits": FLAG_BITS,
-        "flag_counts": {k: int((flag & v).astype(bool).sum()) for k, v in FLAG_BITS.items()},
-        "failure_reasons": _counts([s.split(":")[0] for s in inputs.status.tolist() if s != "ok"]),
-        "calibrated": bool(stored.calibrated and apply_calibration),
-        "calibration_scale": {lab: float(s) for lab, s in zip(labs, scale, strict=True)},
-        "label_range_source": stored.range_source,
-        "ood_reference": stored.ood.summary() if stored.ood is not None else None,
-        "median_err": {lab: _nanmedian(df[f"{lab}_err"]) for lab in labs},
-        "median_err_model": {lab: _nanmedian(df[f"{lab}_err_model"]) for lab in labs},
-        "median_err_data": {lab: _nanmedian(df[f"{lab}_err_data"]) for lab in labs},
-        "predict_seconds": t_pred,
-        "spectra_per_second": n_ok / t_pred if t_pred > 0 else None,
-    }
-    if stored.ood is None:
-        logger.info("no OOD reference with the model (see 'predict --calibrate'): spectra unchecked")
-    if ref_labels:
-        summary["reference_metrics"] = _reference_outputs(df, ref_labels, inputs, out_dir, plots)
-    pairs = repeat_pairs(
-        inputs.group,
-        inputs.spec,
-        labs,
-        mean,
-        np.sqrt(err_m**2 + err_d**2),
-        usable=inputs.ok,
-    )
-    if len(pairs):
-        summary["repeats"] = write_repeats(out_dir, pairs, labs, plot=plots)
-    summary["elapsed_seconds"] = time.perf_counter() - t0
-    summary.update(extra or {})
-    atomic_write_json(out_dir / "summary.json", summary)
+    with _staging(out_dir) as stage:
+        write_table(df, stage)
+        summary: dict[str, Any] = {
+            "model": str(predictor.run_dir),
+            "mode": mode_name(ensemble_mode),
+            "labels": labs,
+            "mc_samples": pred_meta["n_samples"],
+            "n_members": pred_meta["n_members"],
+            "seed": seed,
+            "n_input": n,
+            "n_predicted": n_ok,
+            "n_failed": int((flag & FLAG_FAILED).astype(bool).sum()),
+            "n_flagged": int((flag != 0).sum()),
+            "flag_bits": FLAG_BITS,
+            "flag_counts": {k: int((flag & v).astype(bool).sum()) for k, v in FLAG_BITS.items()},
+            "failure_reasons": _counts([s.split(":")[0] for s in inputs.status.tolist() if s != "ok"]),
+            "calibrated": bool(stored.calibrated and apply_calibration),
+            "calibration_scale": {lab: float(s) for lab, s in zip(labs, scale, strict=True)},
+            "label_range_source": stored.range_source,
+            "ood_reference": stored.ood.summary() if stored.ood is not None else None,
+            "median_err": {lab: _nanmedian(df[f"{lab}_err"]) for lab in labs},
+            "median_err_model": {lab: _nanmedian(df[f"{lab}_err_model"]) for lab in labs},
+            "median_err_data": {lab: _nanmedian(df[f"{lab}_err_data"]) for lab in labs},
+            "predict_seconds": t_pred,
+            "spectra_per_second": n_ok / t_pred if t_pred > 0 else None,
+        }
+        if stored.ood is None:
+            logger.info("no OOD reference with the model (see 'predict --calibrate'): spectra unchecked")
+        if ref_labels:
+            summary["reference_metrics"] = _reference_outputs(df, ref_labels, inputs, stage, plots)
+        pairs = repeat_pairs(
+            inputs.group,
+            inputs.spec,
+            labs,
+            mean,
+            np.sqrt(err_m**2 + err_d**2),
+            usable=inputs.ok,
+        )
+        if len(pairs):
+            summary["repeats"] = write_repeats(stage, pairs, labs, plot=plots)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(stage / name, text)
+        summary["elapsed_seconds"] = time.perf_counter() - t0
+        summary.update(extra or {})
+        summary["files"] = sorted([*(p.name for p in stage.iterdir()), SUMMARY_FILE])
+        atomic_write_json(stage / SUMMARY_FILE, summary)
     return summary
+
+
+SUMMARY_FILE = "summary.json"
+_STAGING_PREFIX = ".predict-staging-"
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Remove staging folders of prediction runs whose process has ended (killed runs)."""
+    import psutil
+
+    for d in out_dir.glob(f"{_STAGING_PREFIX}*"):
+        pid = d.name[len(_STAGING_PREFIX) :].split("-", 1)[0]
+        if d.is_dir() and not (pid.isdigit() and psutil.pid_exists(int(pid)) and int(pid) != os.getpid()):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path) -> Any:
+    """A hidden folder in ``out_dir`` receiving a run's files, moved into ``out_dir`` on success.
+
+    On an error the folder is removed and ``out_dir`` is unchanged; an :class:`OutputError` about a staged
+    file is re-raised naming the file's final path.
+    """
+    _remove_stale_staging(out_dir)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
+    except OSError as exc:
+        raise OutputError(out_dir, exc) from exc
+    try:
+        yield stage
+        _commit(stage, out_dir)
+    except OutputError as exc:
+        p = Path(exc.path)
+        if p.parent == stage:
+            raise OutputError(out_dir / p.name, exc.cause) from exc
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _commit(stage: Path, out_dir: Path) -> None:
+    """Move the staged files into ``out_dir`` (summary.json last) and drop the previous run's leftovers."""
+    old: list[str] = []
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        old = [str(f) for f in json.loads((out_dir / SUMMARY_FILE).read_text(encoding="utf-8"))["files"]]
+    names = sorted(p.name for p in stage.iterdir())
+    names.sort(key=lambda nm: nm == SUMMARY_FILE)
+    for name in names:
+        try:
+            os.replace(stage / name, out_dir / name)
+        except OSError as exc:
+            raise OutputError(out_dir / name, exc) from exc
+    for name in set(old) - set(names):
+        if name and os.sep not in name and "/" not in name and not name.startswith("."):
+            with contextlib.suppress(OSError):
+                (out_dir / name).unlink()
 
 
 def _nanmedian(s: pd.Series) -> float:

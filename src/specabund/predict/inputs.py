@@ -240,13 +240,22 @@ def collect_files(
     if (fits_dir is None) == (files is None):
         raise ConfigError("give either a FITS folder or a file glob/list")
     if fits_dir is not None:
+        if not Path(fits_dir).is_dir():
+            raise SpecabundError(f"{fits_dir}: FITS folder not found (or not a folder)")
         return iter_fits_files(fits_dir, pattern), Path(fits_dir)
     assert files is not None
     p = Path(files)
     if p.is_file() and not p.name.lower().endswith(FITS_SUFFIXES):
         base = p.parent
         out = []
-        for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecabundError(
+                f"{p}: a list of FITS files must be UTF-8 text, one path per line ({exc.reason} at byte "
+                f"{exc.start})"
+            ) from exc
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 q = Path(line)

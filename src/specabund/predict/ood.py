@@ -22,6 +22,7 @@ Each statistic's threshold is the ``percentile`` (default 99.5th) of its distrib
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ class SpectralOOD:
                     percentile=float(z["percentile"]),
                     n_reference=int(z["n_reference"]),
                 )
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, IndexError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             raise SpecabundError(f"{path}: not a readable OOD reference ({exc})") from exc
 
     def summary(self) -> dict[str, Any]:

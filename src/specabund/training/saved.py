@@ -14,6 +14,12 @@ A trained run folder holds
     only tensors, dicts, lists, numbers and strings).
 ``metrics.csv``
     one row per epoch.
+``manifest.json``
+    SHA-256 of ``model.safetensors``, of the label list and of the parts of ``config.json`` that must
+    match the weights (labels, their standardisation, architecture, wavelength grid, preprocessing hash).
+    :func:`load_model` checks it, so weights swapped or a configuration edited after training (e.g.
+    renamed labels) are refused instead of silently mislabelling predictions. Folders without it (made by
+    earlier versions) load with a logged warning.
 
 An ensemble folder holds ``ensemble.json`` and one run folder per member (``member_<k>``).
 """
@@ -33,9 +39,9 @@ import torch
 from torch import nn
 
 from ..dataset import Dataset
-from ..errors import DataMismatchError, SpecabundError
+from ..errors import ConfigError, DataMismatchError, ManifestError, SpecabundError
 from ..models import ModelConfig, build_model
-from ..utils import atomic_write, atomic_write_json, hash_bytes
+from ..utils import atomic_write, atomic_write_json, hash_bytes, hash_file, hash_json
 from .data import LabelScaler, log_step, prepare_input
 
 logger = logging.getLogger(__name__)
@@ -45,7 +51,12 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.csv"
 ENSEMBLE_FILE = "ensemble.json"
+MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+#: Keys of ``config.json`` that must agree with the weights (hashed into ``manifest.json``).
+MANIFEST_CONFIG_KEYS = ("labels", "label_mean", "label_std", "model", "wavelength", "preprocess_hash")
+#: Largest wavelength grid a model folder may declare (a guard against absurd configurations).
+MAX_PIXELS = 1_000_000
 
 
 def grid_info(wavelength: np.ndarray) -> dict[str, Any]:
@@ -92,14 +103,130 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise SpecabundError(f"{path}: cannot read training checkpoint ({exc})") from exc
 
 
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SpecabundError(f"{path}: {what} is not UTF-8 text ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise SpecabundError(f"{path}: invalid JSON ({exc})") from exc
+    except OSError as exc:
+        raise SpecabundError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
+    if not isinstance(data, dict):
+        raise SpecabundError(f"{path}: {what} must be a JSON object, not {type(data).__name__}")
+    return data
+
+
 def _read_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / CONFIG_FILE
     if not path.exists():
         raise SpecabundError(f"{run_dir}: not a trained model folder ({CONFIG_FILE} missing)")
+    cfg = _read_json(path, "the model configuration")
+    _check_config(cfg, path)
+    return cfg
+
+
+def _check_config(cfg: dict[str, Any], path: Path) -> None:
+    """Raise :class:`SpecabundError` naming ``path`` when the entries needed to load a model are unusable."""
+
+    def bad(why: str) -> SpecabundError:
+        return SpecabundError(f"{path}: malformed model configuration: {why}")
+
+    for key in ("model", "labels", "label_mean", "label_std", "wavelength"):
+        if key not in cfg:
+            raise bad(f"'{key}' missing")
+    labels = cfg["labels"]
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+        raise bad("'labels' must be a non-empty list of label names")
+    if len(set(labels)) != len(labels):
+        raise bad(f"'labels' has duplicates: {labels}")
+    for key in ("label_mean", "label_std"):
+        v = cfg[key]
+        if not isinstance(v, list) or len(v) != len(labels):
+            raise bad(f"'{key}' must list one number per label ({len(labels)})")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) for x in v):
+            raise bad(f"'{key}' must hold finite numbers")
+    if not all(x > 0 for x in cfg["label_std"]):
+        raise bad("'label_std' must be positive")
+    if not isinstance(cfg["model"], dict):
+        raise bad("'model' must be an object")
+    wl = cfg["wavelength"]
+    if not isinstance(wl, dict) or not isinstance(wl.get("n"), int) or isinstance(wl.get("n"), bool):
+        raise bad("'wavelength' must be an object with an integer 'n'")
+    if not 1 <= wl["n"] <= MAX_PIXELS:
+        raise bad(f"wavelength n = {wl['n']} is outside 1..{MAX_PIXELS}")
+    for key in ("hash", "start", "stop"):
+        if key not in wl:
+            raise bad(f"'wavelength.{key}' missing")
+
+
+def labels_sha256(labels: list[str]) -> str:
+    """SHA-256 of a label list (names and order)."""
+    return hash_bytes(json.dumps([str(x) for x in labels]).encode())
+
+
+def _config_sha256(cfg: dict[str, Any]) -> str:
+    return hash_json({k: cfg.get(k) for k in MANIFEST_CONFIG_KEYS})
+
+
+def write_manifest(run_dir: Path, config: dict[str, Any]) -> None:
+    """Write ``manifest.json``: hashes of the weights, the label list and the weight-bound config entries."""
+    run_dir = Path(run_dir)
+    atomic_write_json(
+        run_dir / MANIFEST_FILE,
+        {
+            "format_version": 1,
+            "weights": {"file": WEIGHTS_FILE, "sha256": hash_file(run_dir / WEIGHTS_FILE)},
+            "labels": list(config["labels"]),
+            "labels_sha256": labels_sha256(list(config["labels"])),
+            "config_sha256": _config_sha256(config),
+            "config_keys": list(MANIFEST_CONFIG_KEYS),
+        },
+    )
+
+
+def check_manifest(run_dir: Path, cfg: dict[str, Any]) -> None:
+    """Compare ``config.json`` and ``model.safetensors`` with ``manifest.json``.
+
+    Raises
+    ------
+    ManifestError
+        The weights, the label list or a weight-bound configuration entry differ from what training
+        recorded, or the manifest is unreadable.
+    """
+    path = run_dir / MANIFEST_FILE
+    if not path.exists():
+        logger.warning(
+            "%s: no %s (made by an earlier specabund?): cannot check that %s matches the weights",
+            run_dir,
+            MANIFEST_FILE,
+            CONFIG_FILE,
+        )
+        return
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SpecabundError(f"{path}: invalid JSON ({exc})") from exc
+        man = _read_json(path, "the model manifest")
+    except SpecabundError as exc:
+        raise ManifestError(str(exc)) from exc
+    weights = man.get("weights")
+    if not isinstance(weights, dict) or not isinstance(man.get("labels_sha256"), str):
+        raise ManifestError(f"{path}: malformed manifest (weights or labels_sha256 missing)")
+    wpath = run_dir / WEIGHTS_FILE
+    if hash_file(wpath) != weights.get("sha256"):
+        raise ManifestError(
+            f"{wpath}: the weights differ from those recorded in {MANIFEST_FILE} (replaced or corrupt); "
+            "retrain the model or restore its files"
+        )
+    if labels_sha256(cfg["labels"]) != man["labels_sha256"]:
+        was = man.get("labels")
+        raise ManifestError(
+            f"{run_dir / CONFIG_FILE}: labels {cfg['labels']} differ from those the weights were trained "
+            f"for{f' ({was})' if isinstance(was, list) else ''} ({MANIFEST_FILE}); restore config.json"
+        )
+    if "config_sha256" in man and _config_sha256(cfg) != man["config_sha256"]:
+        raise ManifestError(
+            f"{run_dir / CONFIG_FILE}: entries bound to the weights ({', '.join(MANIFEST_CONFIG_KEYS)}) were "
+            f"changed after training ({MANIFEST_FILE}); restore config.json"
+        )
 
 
 def _check_grid_and_hash(
@@ -272,20 +399,33 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Loade
     device = torch.device(device)
     ens = run_dir / ENSEMBLE_FILE
     if ens.exists():
-        info = json.loads(ens.read_text(encoding="utf-8"))
+        info = _read_json(ens, "the ensemble description")
+        names = info.get("members")
+        if not isinstance(names, list) or not names:
+            raise SpecabundError(f"{ens}: 'members' must be a non-empty list of member folders")
         members = []
-        for name in info["members"]:
+        for name in names:
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise SpecabundError(f"{ens}: member {name!r} is not a folder name inside {run_dir}")
             m = load_model(run_dir / name, device)
-            assert isinstance(m, LoadedModel)
+            if not isinstance(m, LoadedModel):
+                raise SpecabundError(f"{ens}: member {name!r} is itself an ensemble")
             members.append(m)
         return LoadedEnsemble(members=members, run_dir=run_dir)
     cfg = _read_config(run_dir)
     weights = run_dir / WEIGHTS_FILE
     if not weights.exists():
         raise SpecabundError(f"{run_dir}: {WEIGHTS_FILE} missing (training not finished?)")
-    mcfg = ModelConfig.from_dict(cfg["model"])
+    check_manifest(run_dir, cfg)
+    try:
+        mcfg = ModelConfig.from_dict(cfg["model"])
+    except (ConfigError, TypeError, ValueError, KeyError) as exc:
+        raise SpecabundError(f"{run_dir / CONFIG_FILE}: invalid 'model' entry ({exc})") from exc
     labels = [str(x) for x in cfg["labels"]]
-    model = build_model(mcfg, int(cfg["wavelength"]["n"]), len(labels))
+    try:
+        model = build_model(mcfg, int(cfg["wavelength"]["n"]), len(labels))
+    except (ConfigError, TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise SpecabundError(f"{run_dir / CONFIG_FILE}: cannot build the network ({exc})") from exc
     try:
         state = safetensors.torch.load_file(str(weights), device="cpu")
         model.load_state_dict(state)
@@ -308,5 +448,12 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu") -> Loade
 
 
 def write_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """Write ``config.json`` atomically."""
+    """Write ``manifest.json`` (when the weights exist), then ``config.json``, atomically.
+
+    ``config.json`` marks a finished run, so it comes last: a run killed in between has no
+    ``config.json`` and is resumed from its checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / WEIGHTS_FILE).exists():
+        write_manifest(run_dir, config)
     atomic_write_json(run_dir / CONFIG_FILE, config)
