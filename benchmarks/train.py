@@ -51,8 +51,10 @@ def _simulate(n: int, seed: int, cache: Path) -> Path:
 
 def _preprocess(sim: Path, elements: list[str], cache: Path) -> Path:
     from specabund.preprocess import PipelineSettings, run_preprocess
+    from specabund.preprocess.pipeline import PIPELINE_VERSION
 
-    out = cache / f"pre_{sim.name}_{'_'.join(elements) or 'all'}"
+    # the pipeline version in the name: a changed pipeline never reuses stale preprocessed data
+    out = cache / f"pre_{sim.name}_{'_'.join(elements) or 'all'}_v{PIPELINE_VERSION}"
     if not (out / "reference_dataset.npz").exists():
         t0 = time.perf_counter()
         run_preprocess(

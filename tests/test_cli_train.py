@@ -74,3 +74,29 @@ def test_train_twice_needs_overwrite(work: Path) -> None:
     assert r.exit_code == 1 and "already holds a training run" in r.output
     _invoke(work, *args, "--overwrite")  # replaces the run (was ignored by `train` before)
     assert (work / "models" / "again" / "model.safetensors").stat().st_mtime_ns > first
+
+
+def test_init_from_and_stellar_labels_only(work: Path) -> None:
+    """--elements TEFF LOGG FE_H trains the parameters alone; --init-from fine-tunes from a parent run."""
+    _invoke(work, "train", "--elements", "TEFF", "LOGG", "FE_H", *FAST, "--run-name", "params")
+    cfg = json.loads((work / "models" / "params" / "config.json").read_text())
+    assert cfg["labels"] == ["TEFF", "LOGG", "FE_H"]
+    r = CliRunner().invoke(main, ["--workdir", str(work), "train", "--elements", "TEFF", *FAST,
+                                  "--freeze-epochs", "1"])  # fmt: skip
+    assert r.exit_code == 2 and "--init-from" in r.output
+    _invoke(work, "train", "--elements", "MG_FE", *FAST, "--run-name", "child", "--init-from", "params",
+            "--freeze-epochs", "1")  # fmt: skip
+    child = json.loads((work / "models" / "child" / "config.json").read_text())
+    assert child["init_from"]["labels"] == ["TEFF", "LOGG", "FE_H"]
+    assert child["init_from"]["run_dir"].endswith("params") and child["train"]["freeze_epochs"] == 1
+    assert child["labels"] == ["MG_FE", "TEFF", "LOGG", "FE_H"]
+
+
+def test_simulate_permuted_flag(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["--workdir", str(tmp_path), "simulate", "--n", "6", "--output-dir", "p",
+                                  "--permuted", "--prediction-fraction", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "permuted: True" in r.output
+    r = CliRunner().invoke(main, ["--workdir", str(tmp_path), "simulate", "--n", "6", "--output-dir", "q",
+                                  "--permuted", "--independent"])  # fmt: skip
+    assert r.exit_code == 2 and "exclude" in r.output

@@ -22,6 +22,7 @@ from .utils import atomic_write_text
 #: Keys whose values must come from a fixed set.
 CHOICES: dict[str, tuple[str, ...]] = {
     "training.scheduler": ("onecycle", "cosine", "plateau", "none"),
+    "training.loss": ("mse", "nll", "beta_nll"),
     "training.device": ("auto", "cpu", "cuda"),
     "tuning.method": ("tpe", "grid", "random"),
     "data.flag_policy": ("mask", "keep"),

@@ -147,7 +147,7 @@ def baseline_cmd(
             f"{data_path}: needs train, validation and test rows (the reference_dataset.npz of "
             "'specabund preprocess')"
         )
-    available = [e for e in ds.elements if e not in STELLAR_PARAMETERS]
+    available = [e for e in ds.elements if e not in STELLAR_PARAMETERS] or list(ds.elements)
     labels = resolve_labels(
         elements or None, ds.elements if elements else available, what=f"{data_path.name}"
     )

@@ -35,6 +35,12 @@ log = logging.getLogger("specabund.cli")
 @click.option(
     "--independent", is_flag=True, help="Draw every label independently (no Galactic correlations)."
 )
+@click.option(
+    "--permuted",
+    is_flag=True,
+    help="Galactic stars with each [X/Fe] shuffled across them: the same distributions, no correlation "
+    "with Teff/logg/[Fe/H] (the independent-abundance check of a trained model).",
+)
 @click.option("--prediction-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True)
 @click.option("--n-workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.pass_context
@@ -46,6 +52,7 @@ def simulate_cmd(
     layout: str,
     gzip: bool,
     independent: bool,
+    permuted: bool,
     prediction_fraction: float,
     n_workers: int,
 ) -> None:
@@ -57,6 +64,8 @@ def simulate_cmd(
     """
     from ..simulate import simulate_dataset
 
+    if independent and permuted:
+        raise click.UsageError("--independent and --permuted exclude each other")
     ws = ctx.obj["ws"]
     setup_logging(ws, "simulate", ctx.obj["verbose"])
     out = lock_output(ctx, ws.resolve(output_dir))
@@ -67,6 +76,7 @@ def simulate_cmd(
         layout=layout,
         gzip=gzip,
         independent=independent,
+        permuted=permuted,
         prediction_fraction=prediction_fraction,
         n_workers=bounded_workers(n_workers),
     )

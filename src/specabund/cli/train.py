@@ -45,7 +45,8 @@ def choose_labels(requested: tuple[str, ...], available: list[str], include_para
     """Requested abundances (default all), then Teff, logg and [Fe/H] when present and wanted."""
     from ..elements import STELLAR_PARAMETERS, resolve_labels
 
-    abund = [a for a in available if a not in STELLAR_PARAMETERS]
+    # every abundance by default; a dataset without any (e.g. a LASP catalogue) learns its parameters
+    abund = [a for a in available if a not in STELLAR_PARAMETERS] or list(available)
     labels = resolve_labels(requested or None, available if requested else abund, what="dataset labels")
     if include_params:
         labels += [p for p in STELLAR_PARAMETERS if p in available and p not in labels]
@@ -152,6 +153,7 @@ def _train(
     run_name: str | None,
     overwrite: bool = False,
     data_path_given: bool = True,
+    init_from: str | None = None,
 ) -> Path:
     from ..config import save_config
     from ..runs import resolve_resumable
@@ -227,6 +229,16 @@ def _train(
             recorded["done"] = True
         return False
 
+    parent = None
+    if init_from:
+        from ..runs import resolve_run
+
+        parent = resolve_run(ws.models(), init_from)
+        args["init_from"] = str(parent)
+        if ensemble > 1:
+            raise SpecabundError("--init-from fine-tunes a single model; drop --ensemble")
+    elif resume and stored.get("init_from"):
+        parent = Path(stored["init_from"])
     kw = dict(
         resume=bool(resume),
         plot_dir=plot_dir,
@@ -239,7 +251,7 @@ def _train(
     if ensemble > 1:
         results = train_ensemble(tr, va, labels, model_cfg, train_cfg, run_dir, ensemble, **kw)
     else:
-        results = [train(tr, va, labels, model_cfg, train_cfg, run_dir, **kw)]
+        results = [train(tr, va, labels, model_cfg, train_cfg, run_dir, init_from=parent, **kw)]
     if not (run_dir / RESOLVED_CONFIG).exists():
         save_config(cfg, run_dir / RESOLVED_CONFIG)
     for k, res in enumerate(results):
@@ -321,6 +333,19 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
     help="Continue the run RUN (name under models/ or path) from its last checkpoint, with its own "
     "configuration, data and labels (flags given now override them).",
 )
+@click.option(
+    "--init-from",
+    default=None,
+    help="Fine-tune from the trained run RUN (name under models/ or path), e.g. a model trained on "
+    "simulated spectra: its architecture and matching weights, a new output layer for other labels, "
+    "the label standardisation refitted on the new data.",
+)
+@click.option(
+    "--freeze-epochs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="With --init-from: train only the head for the first N epochs [config training.freeze_epochs].",
+)
 @click.pass_context
 def train_cmd(ctx: click.Context, **kw: Any) -> None:
     """Train the SpectralResCNN on preprocessed spectra.
@@ -330,8 +355,13 @@ def train_cmd(ctx: click.Context, **kw: Any) -> None:
       specabund train --data-path processed_data/reference_dataset.npz --elements C_FE MG_FE
       specabund train --elements C_FE,MG_FE --epochs 50 --ensemble 5
       specabund train --resume C_FE_MG_FE_20261129-101500
+      specabund train --elements TEFF LOGG FE_H --init-from sim_model --freeze-epochs 5
     """
     setup_logging(ctx.obj["ws"], "train", ctx.obj["verbose"])
+    if kw["freeze_epochs"] and not kw["init_from"]:
+        raise click.UsageError("--freeze-epochs needs --init-from RUN")
+    overrides = _overrides(kw)
+    overrides["training.freeze_epochs"] = kw["freeze_epochs"]
     if kw["resume"] and kw["overwrite"]:
         raise click.UsageError("--resume continues a run, --overwrite replaces it: give one of them")
     given = ctx.get_parameter_source("data_path") not in (
@@ -342,12 +372,13 @@ def train_cmd(ctx: click.Context, **kw: Any) -> None:
         ctx,
         kw["data_path"],
         kw["elements"],
-        _overrides(kw),
+        overrides,
         kw["config_file"],
         kw["resume"],
         kw["run_name"],
         kw["overwrite"],
         data_path_given=given,
+        init_from=kw["init_from"],
     )
 
 

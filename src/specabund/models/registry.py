@@ -45,11 +45,13 @@ class ModelConfig:
     downsample : str
         How groups halve the length: ``'stride'`` (strided convolution), ``'maxpool'`` or ``'avgpool'``.
     dropout : float
-        Dropout probability inside the residual blocks.
+        Dropout probability inside the residual blocks. 0 by default: in the accuracy ablation
+        (``benchmarks/ablation.py``) dropout in every block cost accuracy, and with dropout only in the head
+        MC-Dropout runs the trunk once (``head_dropout`` carries the model uncertainty).
     pool_bins : int
         Output length of the adaptive average pooling before the head. ``1`` is a pure global average
         pooling; a few bins keep coarse wavelength information (which line is where), which a purely
-        local feature map cannot otherwise recover.
+        local feature map cannot otherwise recover. 32 by default (about 110 input pixels per bin).
     head_hidden : int
         Width of the hidden layer of the fully connected head.
     head_dropout : float
@@ -69,8 +71,8 @@ class ModelConfig:
     blocks_per_group: int = 1
     kernel_size: int = 5
     downsample: str = "stride"
-    dropout: float = 0.1
-    pool_bins: int = 8
+    dropout: float = 0.0
+    pool_bins: int = 32
     head_hidden: int = 128
     head_dropout: float = 0.1
     activation: str = "gelu"

@@ -133,24 +133,24 @@ class TrainConfig:
     """
 
     batch_size: int = 64
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     epochs: int = 200
     early_stopping: int = 20
     min_delta: float = 0.0
-    grad_clip: float = 5.0
+    grad_clip: float = 1.0
     scheduler: str = "onecycle"
     onecycle_pct_start: float = 0.15
     min_lr: float = 1e-6
     plateau_factor: float = 0.5
     plateau_patience: int = 5
-    loss: str = "nll"
+    loss: str = "mse"
     beta: float = 0.5
     use_label_errors: bool = True
     mse_warmup_epochs: int = 0
     freeze_epochs: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    seed: int = 0
+    seed: int = 42
     num_threads: int = 0
     device: str = "cpu"
     amp: bool = False
