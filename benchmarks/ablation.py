@@ -51,7 +51,7 @@ OLD_MODEL: dict[str, Any] = dict(
     head_hidden=128,
     head_dropout=0.1,
 )
-OLD_TRAIN: dict[str, Any] = dict(loss="nll", learning_rate=1e-3, augment={})
+OLD_TRAIN: dict[str, Any] = dict(loss="nll", learning_rate=1e-3, augment={"noise_prob": 0.5, "rv_prob": 0.5})
 
 #: One suspect each: (model overrides, training overrides, augmentation overrides).
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
@@ -64,9 +64,29 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "pool_32": ({"pool_bins": 32}, {}, {}),
     "lr_3e-3": ({}, {"learning_rate": 3e-3}, {}),
     "deeper_k7": ({"kernel_size": 7, "blocks_per_group": 2}, {}, {}),
+    # the "plain CNN": small channels, kernel 7, no dropout in the trunk, MSE, one-cycle to 3e-3,
+    # no augmentation (within what ModelConfig expresses: a stride-2 stem and three stride-2 groups)
+    "plainlike": (
+        {
+            "stem_channels": 16,
+            "stem_kernel_size": 7,
+            "group_channels": (32, 48, 64),
+            "kernel_size": 7,
+            "dropout": 0.0,
+            "pool_bins": 8,
+        },
+        {"loss": "mse", "learning_rate": 3e-3},
+        {"enabled": False},
+    ),
     "all": (
         {"dropout": 0.0, "pool_bins": 32},
         {"loss": "mse", "learning_rate": 3e-3},
+        {"noise_prob": 0.0, "rv_prob": 0.0},
+    ),
+    # "all" with beta-NLL instead of the MSE mean loss (keeps precision weighting between labels)
+    "all_beta_nll": (
+        {"dropout": 0.0, "pool_bins": 32},
+        {"loss": "beta_nll", "beta": 0.5, "learning_rate": 3e-3},
         {"noise_prob": 0.0, "rv_prob": 0.0},
     ),
 }
@@ -182,12 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", choices=("old", "default"), default="old")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seed", type=int, default=2024, help="simulation seed")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (1 on a shared machine)")
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/specabund_bench_train"))
     args = ap.parse_args(argv)
 
     from specabund.dataset import load_dataset
 
-    torch.set_num_threads(THREADS)
+    globals()["THREADS"] = args.threads
+    torch.set_num_threads(args.threads)
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     sim = _simulate(args.n, args.seed, args.cache_dir)
     ds = load_dataset(_preprocess(sim, [lab[:-3] for lab in ABUNDANCES], args.cache_dir))
