@@ -8,8 +8,9 @@ ratio to the median Cramer-Rao bound at SNR > 50 (model mode, cached), and the R
 (``--baseline``: ``old`` = the defaults before the ablation, ``default`` = the current defaults) and
 changes one thing; ``all`` changes every listed suspect at once.
 
-Results are kept per variant in ``<cache>/ablation/<baseline>_<variant>_e<epochs>.json``: a rerun skips the
-finished variants (delete the file to redo one).
+Results are kept per variant in ``<cache>/ablation/<baseline>_<variant>_e<epochs>_n<N>_p<pipeline>.json``
+(the pipeline version of the preprocessed data): a rerun skips the finished variants (delete the file to
+redo one).
 
     python benchmarks/ablation.py                         # N = 5000, 40 epochs, every variant (hours)
     python benchmarks/ablation.py --variants old mse      # a subset
@@ -148,9 +149,11 @@ def _scores(te: Any, pred: np.ndarray, labels: list[str], bounds: np.ndarray) ->
 def run_variant(
     args: argparse.Namespace, variant: str, tr: Any, va: Any, te: Any, bounds: np.ndarray
 ) -> dict:
+    from specabund.preprocess.pipeline import PIPELINE_VERSION
     from specabund.training import load_model, train
 
-    out = args.cache_dir / "ablation" / f"{args.baseline}_{variant}_e{args.epochs}_n{args.n}.json"
+    name = f"{args.baseline}_{variant}_e{args.epochs}_n{args.n}_p{PIPELINE_VERSION}.json"
+    out = args.cache_dir / "ablation" / name
     if out.exists():
         return json.loads(out.read_text())
     model_cfg, train_cfg = _configs(args.baseline, variant, args.epochs)
