@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,21 +177,42 @@ def test_kill_while_writing_predictions(corpus_base: Base, tmp_path: Path) -> No
 
 
 def test_kill_during_tuning_trial_then_rerun(corpus_base: Base, tmp_path: Path) -> None:
+    """Killed in the second of three trials, the rerun ends with what an uninterrupted run holds."""
+    import tomllib
+
     import optuna
 
-    w = workdir(corpus_base, tmp_path)
-    args = ["tune", "--elements", "C_FE", "--n-trials", "1", "--epochs-per-trial", "1"]
-    args += ["--batch-size-hyperopt", "8", "--method", "random", "--worker-id", "1", "--pruner", "none"]
-    # killed in the first trial, at its first checkpoint
-    killed(corpus.run_killed("specabund.training.trainer:save_checkpoint", 1, ["--workdir", str(w), *args]))
-    ok(cli(w, *args))
-    hyper = w / "results" / "hyperopt"
-    study = optuna.load_study(study_name="specabund", storage=f"sqlite:///{hyper / 'specabund.db'}")
+    args = ["tune", "--elements", "C_FE", "--n-trials", "3", "--epochs-per-trial", "1"]
+    args += ["--batch-size-hyperopt", "8", "--method", "tpe", "--pruner", "none"]
+    k, u = tmp_path / "k", tmp_path / "u"
+    for d in (k, u):
+        workdir(corpus_base, d)
+    # killed in the second trial, at its first checkpoint (each trial saves after its epoch and at its end)
+    argv = ["--workdir", str(k), *args]
+    killed(corpus.run_killed("specabund.training.trainer:save_checkpoint", 3, argv))
+    ok(cli(k, *args))
+    ok(cli(u, *args))  # uninterrupted
+    hk, hu = (d / "results" / "hyperopt" for d in (k, u))
+    study = optuna.load_study(study_name="specabund", storage=f"sqlite:///{hk / 'specabund.db'}")
     states = [t.state.name for t in study.trials]
-    assert states.count("COMPLETE") + states.count("PRUNED") == 1 and "FAIL" in states
-    trials = pd.read_csv(hyper / "trials.csv")
-    assert (trials["state"].isin(["COMPLETE", "PRUNED"])).sum() == 1
-    assert (hyper / "best_params.toml").exists() and (hyper / "resolved_config.toml").exists()
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"], states
+    assert study.trials[2].user_attrs["retry_of"] == 1
+    assert study.trials[2].params == study.trials[1].params  # the killed trial's parameters, re-run
+
+    def done(folder: Path) -> pd.DataFrame:
+        t = pd.read_csv(folder / "trials.csv")
+        t = t[t["state"].isin(["COMPLETE", "PRUNED"])].reset_index(drop=True)
+        cols = ["state", "value", "round", "batches", "n_train", "n_params", "best_epoch", "val_loss_se"]
+        return t[cols + sorted(c for c in t.columns if c.startswith(("param_", "rmse_")))]
+
+    pd.testing.assert_frame_equal(done(hk), done(hu), check_dtype=False)  # NaN of the FAIL row: floats
+    assert len(done(hk)) == 3
+    for name in ("best_params.toml", "robust_params.toml"):
+        a, b = ((d / name).read_text() for d in (hk, hu))
+        assert tomllib.loads(a) == tomllib.loads(b), name
+        # the header comments differ only in the trial numbers (shifted by one after the killed trial)
+        assert re.sub(r"trial \d+", "trial N", a) == re.sub(r"trial \d+", "trial N", b), name
+    assert (hk / "resolved_config.toml").exists()
 
 
 def test_kill_during_baseline_batches_then_rerun(corpus_base: Base, tmp_path: Path) -> None:

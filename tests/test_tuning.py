@@ -468,3 +468,27 @@ def test_cli_tune_writes_configs_that_load_and_train(tmp_path: Path, data: tuple
 def test_tuning_summary_without_results(tmp_path: Path) -> None:
     with pytest.raises(SpecabundError, match="no tuning results"):
         tuning_summary(tmp_path)
+
+
+def test_storage_errors_become_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    import sqlalchemy.exc
+
+    from specabund.tuning import StorageError
+    from specabund.tuning.storage import storage_errors
+
+    cause = sqlite3.OperationalError("database or disk is full")
+    with pytest.raises(StorageError) as info, storage_errors("sqlite:///x/specabund.db"):
+        raise sqlalchemy.exc.OperationalError("INSERT INTO trials ...\n[long SQL]", {}, cause)
+    assert isinstance(info.value, SpecabundError)
+    assert str(info.value) == "tuning storage sqlite:///x/specabund.db: database or disk is full"
+
+
+def test_read_toml_not_utf8_is_config_error(tmp_path: Path) -> None:
+    from specabund.config import read_toml
+
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('name = "M\xe9lanie"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text"):
+        read_toml(bad)

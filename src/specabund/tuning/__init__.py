@@ -48,7 +48,7 @@ from .space import (
     parse_param,
     train_config_from_sections,
 )
-from .storage import count_done, fail_dead_trials, make_storage, resolve_storage
+from .storage import StorageError, count_done, fail_dead_trials, make_storage, resolve_storage
 
 __all__ = [
     "BEST_FILE",
@@ -58,6 +58,7 @@ __all__ = [
     "ROBUST_RULE",
     "ParamSpec",
     "SearchSpace",
+    "StorageError",
     "TuneOptions",
     "TuneResult",
     "batch_partition",

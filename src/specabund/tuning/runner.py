@@ -2,11 +2,13 @@
 
 Rounds and batches
     The training split is shuffled once (``seed``) and cut into batches of ``batch_size_hyperopt``
-    spectra. Trial number ``k`` belongs to round ``r = k // trials_per_round`` and trains on the
-    ``batches_per_round`` batches ``r * batches_per_round + j`` (``j = 0 .. batches_per_round - 1``,
-    modulo the number of batches): every round sees fresh spectra, successive rounds sweep the whole
-    training split, and a trial never holds more than ``batches_per_round * batch_size_hyperopt`` spectra in
-    memory on the device. The validation split is fixed, so validation losses of all rounds compare.
+    spectra. The trial in slot ``k`` (``k`` = the COMPLETE, PRUNED and live RUNNING trials numbered
+    before it: the trial number less the FAILed ones) belongs to round ``r = k // trials_per_round`` and
+    trains on the ``batches_per_round`` batches ``r * batches_per_round + j``
+    (``j = 0 .. batches_per_round - 1``, modulo the number of batches): every round sees fresh spectra,
+    successive rounds sweep the whole training split, and a trial never holds more than
+    ``batches_per_round * batch_size_hyperopt`` spectra in memory on the device. The validation split is
+    fixed, so validation losses of all rounds compare.
 
 Pruning
     The validation loss of every epoch is reported to optuna through the trainer's epoch callback; a trial
@@ -15,13 +17,23 @@ Pruning
 Counting and resuming
     ``n_trials`` is the study's total of COMPLETE + PRUNED trials. A new or resumed run first marks FAIL
     the trials left RUNNING by dead processes (see :mod:`specabund.tuning.storage`), then runs only the
-    missing trials. With several processes on one study, a trial whose number comes after ``n_trials``
+    missing trials; the parameters of a trial killed with its worker are re-queued, so the rerun evaluates
+    them next. With several processes on one study, a trial whose number comes after ``n_trials``
     finished or running trials is dropped at its start (recorded FAIL with ``user_attrs['surplus']``), so
     the processes together finish exactly ``n_trials`` trials.
+
+Reproducibility
+    Each trial gets a fresh sampler seeded with ``(seed, worker_id, slot)`` (``worker_id`` 0 when not given),
+    and its round is derived from its slot, not its number. A single-process study killed (even with
+    ``kill -9``) and rerun therefore ends with the same parameters, values and choices as an uninterrupted
+    run; only the trial numbers after a killed trial are shifted by one (optuna never reuses a number).
+    Not covered: the hyperband pruner (its brackets hash the trial number) and concurrent workers (the
+    order in which they finish trials is not deterministic).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -46,6 +58,8 @@ from .storage import (
     count_done,
     fail_dead_trials,
     make_storage,
+    resolve_storage,
+    storage_errors,
     worker_identity,
 )
 
@@ -109,9 +123,8 @@ class TuneOptions:
     seed : int
         Seed of the batch partition, of the trials' training and (with ``worker_id``) of the sampler.
     worker_id : int, optional
-        Makes the sampler's random stream reproducible: seed ``(seed, trials already in the study,
-        worker_id)``. ``None`` mixes in the process id instead, so that concurrent workers never draw the
-        same random start-up trials.
+        Part of the sampler seed ``(seed, worker_id, slot)`` of every trial (``None``: 0). Concurrent workers
+        start trials in different slots, so they do not draw the same random start-up trials either way.
     keep_weights : bool
         Keep each trial's ``model.safetensors`` (otherwise only its ``metrics.csv``/``config.json``).
     """
@@ -228,6 +241,70 @@ def make_sampler(
     return optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup, constant_liar=True)
 
 
+def sampler_seed(seed: int, worker_id: int | None, slot: int) -> int:
+    """The seed of the sampler of the trial in ``slot`` (see the module docstring)."""
+    salt = 0 if worker_id is None else int(worker_id)
+    return int(np.random.SeedSequence([int(seed), salt, int(slot)]).generate_state(1)[0])
+
+
+class SlotSeededSampler(optuna.samplers.BaseSampler):
+    """A fresh sampler of ``method`` for every trial, seeded from the trial's slot.
+
+    The slot of a trial is the number of COMPLETE, PRUNED and live RUNNING trials numbered before it
+    (:func:`~specabund.tuning.storage.count_claimed`). Unlike one sampler for the whole run, whose random
+    stream restarts at each rerun, and unlike the trial number, which a killed trial shifts, the slot is
+    the same for the n-th trial of an uninterrupted run and of a killed-then-resumed one. The grid sampler
+    is handed the slot as the trial number, from which it takes the grid point of the first trials.
+    """
+
+    def __init__(self, method: str, space: SearchSpace, options: TuneOptions) -> None:
+        self._method, self._space, self._options = method, space, options
+        self._inner = make_sampler(method, space, options, sampler_seed(options.seed, options.worker_id, 0))
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        slot = count_claimed(study, before=trial.number)
+        seed = sampler_seed(self._options.seed, self._options.worker_id, slot)
+        self._inner = make_sampler(self._method, self._space, self._options, seed)
+        if self._method == "grid":
+            trial = copy.copy(trial)
+            trial.number = slot
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        search_space: dict[str, optuna.distributions.BaseDistribution],
+    ) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: optuna.distributions.BaseDistribution,
+    ) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 def make_pruner(options: TuneOptions) -> optuna.pruners.BasePruner:
     """The optuna pruner of ``options.pruner``."""
     if options.pruner == "median":
@@ -276,20 +353,21 @@ def open_study(
     options: TuneOptions,
     output_dir: Path,
     *,
-    sampler_seed: int | None = None,
     space: SearchSpace | None = None,
 ) -> tuple[optuna.Study, str]:
-    """Create or load the study named by ``options`` (``load_if_exists``)."""
-    storage, desc = make_storage(options.storage, output_dir, options.study_name)
-    sampler = make_sampler(options.method, space, options, sampler_seed or 0) if space is not None else None
-    study = optuna.create_study(
-        storage=storage,
-        study_name=options.study_name,
-        direction="minimize",
-        sampler=sampler,
-        pruner=make_pruner(options),
-        load_if_exists=True,
-    )
+    """Create or load the study named by ``options`` (``load_if_exists``); ``space`` sets the sampler."""
+    _, loc = resolve_storage(options.storage, output_dir, options.study_name)
+    with storage_errors(loc):
+        storage, desc = make_storage(options.storage, output_dir, options.study_name)
+        sampler = SlotSeededSampler(options.method, space, options) if space is not None else None
+        study = optuna.create_study(
+            storage=storage,
+            study_name=options.study_name,
+            direction="minimize",
+            sampler=sampler,
+            pruner=make_pruner(options),
+            load_if_exists=True,
+        )
     return study, desc
 
 
@@ -331,7 +409,41 @@ def run_tuning(
     Returns
     -------
     TuneResult
+
+    Raises
+    ------
+    StorageError
+        When the storage fails (e.g. "database or disk is full"); finished trials stay in the study.
     """
+    _, loc = resolve_storage(options.storage, Path(output_dir), options.study_name)
+    with storage_errors(loc):
+        return _run_tuning(
+            train_data,
+            val_data,
+            labels,
+            space,
+            base_model,
+            base_train,
+            options,
+            output_dir,
+            epoch_hook=epoch_hook,
+            trial_callbacks=trial_callbacks,
+        )
+
+
+def _run_tuning(
+    train_data: Dataset,
+    val_data: Dataset,
+    labels: Sequence[str],
+    space: SearchSpace,
+    base_model: ModelConfig,
+    base_train: TrainConfig,
+    options: TuneOptions,
+    output_dir: str | Path,
+    *,
+    epoch_hook: EpochHook | None,
+    trial_callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+) -> TuneResult:
     labels = list(labels)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -351,13 +463,8 @@ def run_tuning(
     batches = batch_partition(len(train_data), options.batch_size_hyperopt, options.seed)
     trials_dir = output_dir / "trials" / options.study_name
 
-    # the study, first without a sampler seed to count what is there already
-    probe, _ = open_study(options, output_dir)
-    stale = fail_dead_trials(probe)
-    n_existing = len(probe.get_trials(deepcopy=False))
-    salt = options.worker_id if options.worker_id is not None else worker_identity()["pid"]
-    sampler_seed = int(np.random.SeedSequence([options.seed, n_existing, int(salt)]).generate_state(1)[0])
-    study, desc = open_study(options, output_dir, sampler_seed=sampler_seed, space=space)
+    study, desc = open_study(options, output_dir, space=space)
+    stale = fail_dead_trials(study)
     study.set_user_attr("labels", labels)
     study.set_user_attr("space", {p.name: p.to_dict() for p in space.params})
     study.set_user_attr("n_batches", len(batches))
@@ -374,13 +481,14 @@ def run_tuning(
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", me)
         fail_dead_trials(study)
-        if count_claimed(study, before=trial.number) >= options.n_trials:
+        slot = count_claimed(study, before=trial.number)
+        if slot >= options.n_trials:
             trial.set_user_attr("surplus", True)
             study.stop()
             raise _SurplusTrial(f"trial {trial.number}: the study already has {options.n_trials} trials")
         params = space.suggest(trial)
         model_cfg, train_cfg = space.apply(params, base_model, trial_train)
-        rnd = trial.number // options.trials_per_round
+        rnd = slot // options.trials_per_round
         batch_ids = round_batches(len(batches), options.batches_per_round, rnd)
         idx = np.sort(np.concatenate([batches[b] for b in batch_ids]))
         n_params = count_parameters(model_cfg, n_pixels, len(labels))

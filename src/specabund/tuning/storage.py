@@ -17,24 +17,29 @@ Storage specifications (``--storage`` / ``[tuning] storage``):
 
 Trials record the worker that runs them (host, pid, process start time) in their user attributes. A trial
 left RUNNING by a process of this host that no longer exists (killed, crashed machine restarted) is
-marked FAIL by the next worker and does not count; trials of live processes, or of other hosts, are left
-alone (on RDB storage the heartbeat handles other hosts).
+marked FAIL by the next worker and does not count (its parameters are queued again); trials of live
+processes, or of other hosts, are left alone (on RDB storage the heartbeat handles other hosts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
 import psutil
+import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
+
+from ..errors import SpecabundError
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +49,24 @@ HEARTBEAT_INTERVAL_S = 60
 HEARTBEAT_GRACE_S = 300
 #: Trial states that count towards ``n_trials``.
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StorageError(SpecabundError):
+    """The study's storage failed (full disk, locked or damaged database, lost connection)."""
+
+
+@contextlib.contextmanager
+def storage_errors(desc: str) -> Iterator[None]:
+    """Turn optuna's and SQLAlchemy's storage errors into one-line :class:`StorageError` naming ``desc``."""
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        orig = getattr(cause, "orig", None)  # the database driver's own error
+        reason = str(orig if orig is not None else cause).strip().splitlines() or [type(cause).__name__]
+        raise StorageError(f"tuning storage {desc}: {reason[0]}") from exc
 
 
 def resolve_storage(spec: str | None, default_dir: Path, study_name: str) -> tuple[str, str]:
@@ -138,7 +161,11 @@ def owner_alive(trial: FrozenTrial, me: dict[str, Any] | None = None) -> bool | 
 
 
 def fail_dead_trials(study: optuna.Study) -> list[int]:
-    """Mark FAIL the RUNNING trials whose worker process on this host is gone; return their numbers."""
+    """Mark FAIL the RUNNING trials whose worker process on this host is gone; return their numbers.
+
+    The parameters such a trial had drawn are enqueued (``study.enqueue_trial``), so the next trial
+    evaluates them: a killed run resumes with the trial it was killed in.
+    """
     me = worker_identity()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -149,6 +176,8 @@ def fail_dead_trials(study: optuna.Study) -> list[int]:
                 logger.debug("could not fail trial %d: %s", t.number, exc)
                 continue
             study.set_user_attr(f"stale_trial_{t.number}", "failed: its worker process was gone")
+            if t.params:  # evaluated next, as the uninterrupted run would have
+                study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
             failed.append(t.number)
     if failed:
         logger.info("marked %d trial(s) of dead workers as FAIL: %s", len(failed), failed)
