@@ -245,3 +245,10 @@ def reject_unknown_keys(cls: type, data: Mapping[str, Any], what: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown {what}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+
+def finite_float32(values: Any) -> np.ndarray:
+    """``values`` as float32, with anything float32 cannot hold (|x| beyond its range, inf) as NaN."""
+    a = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(a) & (np.abs(a) <= np.finfo(np.float32).max)
+    return np.where(ok, a, np.nan).astype(np.float32)

@@ -25,6 +25,7 @@ from ..errors import ConfigError, DataMismatchError, SpecabundError
 from ..io import FITS_SUFFIXES, iter_fits_files
 from ..preprocess import PreprocessOptions, preprocess_hash, process_file
 from ..preprocess.steps import log_linear_grid
+from ..utils import finite_float32
 from .uncertainty import Predictor
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class PredictionInputs:
             teff=nan,
             logg=nan,
             fe_h=nan,
-            snr=self.snr[ok].astype(np.float32),
+            snr=finite_float32(self.snr[ok]),
             split=np.full(int(ok.sum()), -1, dtype=np.int8),
             group=self.group[ok],
             preprocess_hash=self.preprocess_hash,

@@ -48,7 +48,7 @@ from ..catalog import (
 from ..dataset import SPLIT_CODES
 from ..errors import CatalogError, FitsFormatError, SpecabundError
 from ..io import iter_fits_files, read_lamost
-from ..utils import NpzWriter, atomic_write, atomic_write_json, hash_bytes, hash_json
+from ..utils import NpzWriter, atomic_write, atomic_write_json, finite_float32, hash_bytes, hash_json
 from .options import PreprocessOptions
 from .steps import C_KMS, preprocess_spectrum
 
@@ -678,7 +678,7 @@ def _columns(
         "teff": table["teff"].to_numpy(dtype=float)[rows].astype(np.float32),
         "logg": table["logg"].to_numpy(dtype=float)[rows].astype(np.float32),
         "fe_h": table["fe_h"].to_numpy(dtype=float)[rows].astype(np.float32),
-        "snr": snr.astype(np.float32),
+        "snr": finite_float32(snr),
         "group": groups,
         "extra_snr_measured": meta["snr_measured"].astype(np.float32),
         "extra_good_fraction": meta["good_fraction"].astype(np.float32),

@@ -1163,6 +1163,8 @@ def preprocess_spectrum(
         nivar = np.zeros(ngrid)
         info = {}
 
+    # an inverse variance beyond float32 (absurd header or flux scales) would become inf: no usable data
+    nivar = np.where(np.isfinite(nivar) & (nivar < np.finfo(np.float32).max), nivar, 0.0)
     masked = ~(nivar > 0)
     out_flux = np.where(masked, 1.0, nflux) if opts.fill_masked else nflux
     stages = None
