@@ -77,7 +77,10 @@ def _train(args: argparse.Namespace, tr: Any, va: Any) -> Path:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     t = {k: v for k, v in cfg["training"].items() if k in fields}
     t.update(device="cpu", num_threads=args.threads, epochs=args.epochs, plot_every=10**6)
-    run = args.cache_dir / f"leak_run_e{args.epochs}"
+    if args.swap_prob is not None:
+        t["augment"] = {**t.get("augment", {}), "swap_prob": args.swap_prob}
+    tag = "" if args.swap_prob is None else f"_swap{args.swap_prob:g}"
+    run = args.cache_dir / f"leak_run_e{args.epochs}{tag}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
     train(tr, va, list(LABELS), default_config(m.pop("name", "rescnn"), **m), TrainConfig.from_dict(t), run)
@@ -115,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=5000, help="training simulation (train.py's data when 5000)")
     ap.add_argument("--n-perm", type=int, default=1000, help="spectra of the permuted test set")
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument(
+        "--swap-prob", type=float, default=None, help="abundance-swap augmentation (default: the config's)"
+    )
     ap.add_argument("--model-dir", type=Path, default=None, help="use this trained run instead of training")
     ap.add_argument("--snr-min", type=float, default=50.0)
     ap.add_argument("--n-importance", type=int, default=64, help="spectra for the importance spectra")
