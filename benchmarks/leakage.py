@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ablation import _bounds
 from train import _preprocess, _simulate
 
 ABUNDANCES = ("C_FE", "MG_FE", "CA_FE")
@@ -171,6 +172,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{lab:>6} {g:8.4f} {p:9.4f} {p / g:9.2f} {lg:7.4f} {lp:8.4f} {g / lg:11.2f} {spread:9.4f} "
             f"{ex.own_fraction:9.3f} {ex.enrichment:7.2f}"
         )
+    bounds = _bounds(sim, te, args.cache_dir)
+    print("\nGalactic test split: RMSE by SNR and the ratio to the median Cramer-Rao bound at SNR > 50")
+    print(f"{'label':>6} {'SNR<20':>8} {'SNR>100':>8} {'>100/<20':>9} {'>50':>8} {'CRB>50':>8} {'x CRB':>6}")
+    for lab in LABELS:
+        j = model.labels.index(lab)
+        y = te.y[:, te.elements.index(lab)]
+        r = preds["galactic"][:, j] - y
+        ok = np.isfinite(r)
+        lo, hi, vhi = ok & (te.snr < 20), ok & (te.snr > 50), ok & (te.snr > 100)
+        e_lo, e_hi, e_vhi = (float(np.sqrt(np.mean(r[m] ** 2))) for m in (lo, hi, vhi))
+        crb = float(np.median(bounds[hi, LABELS.index(lab)]))
+        ratio = e_vhi / e_lo
+        print(f"{lab:>6} {e_lo:8.4f} {e_vhi:8.4f} {ratio:9.2f} {e_hi:8.4f} {crb:8.4f} {e_hi / crb:6.2f}")
     print("\nPearson r of the importance spectra")
     for a, b in itertools.combinations(ABUNDANCES, 2):
         print(f"  {a} - {b}: {np.corrcoef(imp[a], imp[b])[0, 1]:.3f}")
