@@ -20,7 +20,6 @@ from specabund.baselines import (
     batch_results_dir,
     cannon_label_names,
     comparison_figure,
-    fill_bad_pixels,
     load_baseline,
     predict_baseline,
     read_comparison,
@@ -35,6 +34,7 @@ from specabund.baselines.regional import auto_n_regions
 from specabund.dataset import Dataset
 from specabund.errors import ConfigError, DataMismatchError
 from specabund.metrics import snr_bin_labels
+from specabund.utils import fill_bad_pixels
 
 FAST = BoostingConfig(
     n_components=24, learning_rate=0.1, n_rounds=400, rounds_per_batch=80, early_stopping_rounds=30

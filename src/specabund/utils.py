@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, hashing, JSON-safe conversion."""
+"""Small shared helpers: atomic writes, hashing, JSON-safe conversion, pixels without data."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import ConfigError, OutputError, SpecabundError
+from .errors import ConfigError, DataMismatchError, OutputError, SpecabundError
 
 #: Errors that concern the file being written whatever path they name.
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
@@ -252,3 +252,61 @@ def finite_float32(values: Any) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64)
     ok = np.isfinite(a) & (np.abs(a) <= np.finfo(np.float32).max)
     return np.where(ok, a, np.nan).astype(np.float32)
+
+
+def usable_pixels(flux: np.ndarray, ivar: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the pixels with data: finite flux and (when given) finite, positive ``ivar``.
+
+    Parameters
+    ----------
+    flux : ndarray
+        Continuum-normalised flux, any shape.
+    ivar : ndarray, optional
+        Inverse variance of ``flux``, same shape; when omitted only non-finite fluxes are unusable.
+
+    Returns
+    -------
+    ndarray of bool
+        True where the pixel can be used.
+
+    Raises
+    ------
+    DataMismatchError
+        When ``ivar`` and ``flux`` differ in shape.
+    """
+    good = np.isfinite(flux)
+    if ivar is not None:
+        iv = np.asarray(ivar)
+        if iv.shape != np.shape(flux):
+            raise DataMismatchError(f"ivar shape {iv.shape} != X shape {np.shape(flux)}")
+        good &= np.isfinite(iv) & (iv > 0)
+    return good
+
+
+def fill_bad_pixels(
+    X: np.ndarray, ivar: np.ndarray | None = None, fill: float = 1.0, dtype: Any = np.float32
+) -> np.ndarray:
+    """Return a copy of ``X`` with unusable pixels replaced by ``fill`` (the continuum, 1.0).
+
+    A pixel is unusable when its flux is not finite or its inverse variance is zero, negative or not
+    finite (:func:`usable_pixels`).
+
+    Parameters
+    ----------
+    X : ndarray, shape (N, P)
+        Continuum-normalised flux.
+    ivar : ndarray, shape (N, P), optional
+        Inverse variance of ``X``; when omitted only non-finite fluxes are replaced.
+    fill : float
+        Replacement value.
+    dtype : numpy dtype
+        Type of the copy (float32 by default).
+
+    Returns
+    -------
+    ndarray
+        The filled copy.
+    """
+    out = np.array(X, dtype=dtype, copy=True)
+    out[~usable_pixels(out, ivar)] = fill
+    return out

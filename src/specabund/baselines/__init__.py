@@ -21,7 +21,7 @@ from .comparison import (
     save_comparison_figure,
     update_comparison,
 )
-from .features import PCAReducer, fill_bad_pixels
+from .features import PCAReducer
 from .regional import RegionalCannon, load_cannon
 from .runner import (
     BASE_MODELS,
@@ -54,7 +54,6 @@ __all__ = [
     "comparison_figure",
     "comparison_path",
     "comparison_rows",
-    "fill_bad_pixels",
     "label_column",
     "load_baseline",
     "load_cannon",
