@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import IO, Any
@@ -17,6 +17,9 @@ from typing import IO, Any
 import numpy as np
 
 from .errors import ConfigError, DataMismatchError, OutputError, SpecabundError
+
+#: A ``map(function, items)`` that returns the results in the order of ``items``.
+MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 #: Errors that concern the file being written whatever path they name.
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
@@ -107,6 +110,39 @@ def cap_workers(requested: int, what: str = "workers") -> tuple[int, str | None]
     if requested <= cpus:
         return max(requested, 1), None
     return cpus, f"{what} = {requested} is more than the {cpus} CPU(s) available; using {cpus}"
+
+
+@contextlib.contextmanager
+def process_map(n_workers: int, batch_size: int | str = "auto") -> Iterator[MapFn]:
+    """A ``map(function, items)`` over worker processes, the pool kept open for the ``with`` block.
+
+    The one parallel map of the package (preprocessing, simulation): joblib's process pool handing
+    ``batch_size`` items to a worker at once, its results coming back lazily and in order; the built-in
+    ``map`` for one worker. ``function`` must be picklable (a module-level function).
+
+    Parameters
+    ----------
+    n_workers : int
+        Worker processes; 1 or less runs in this process.
+    batch_size : int or 'auto'
+        Items handed to a worker at once.
+
+    Yields
+    ------
+    callable
+        ``map(function, items)`` returning an iterable of results in the order of ``items``.
+    """
+    if n_workers <= 1:
+        yield map
+        return
+    from joblib import Parallel, delayed
+
+    with Parallel(n_jobs=n_workers, batch_size=batch_size, return_as="generator") as par:
+
+        def pmap(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterable[Any]:
+            return par(delayed(function)(x) for x in items)
+
+        yield pmap
 
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:

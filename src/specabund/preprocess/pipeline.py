@@ -21,12 +21,13 @@ Identical inputs give byte-identical outputs, whatever the number of workers or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,16 @@ from ..catalog import (
 from ..dataset import SPLIT_CODES
 from ..errors import CatalogError, FitsFormatError, SpecabundError
 from ..io import iter_fits_files, read_lamost
-from ..utils import NpzWriter, atomic_write, atomic_write_json, finite_float32, hash_bytes, hash_json
+from ..utils import (
+    MapFn,
+    NpzWriter,
+    atomic_write,
+    atomic_write_json,
+    finite_float32,
+    hash_bytes,
+    hash_json,
+    process_map,
+)
 from .options import PreprocessOptions
 from .steps import C_KMS, preprocess_spectrum
 
@@ -59,8 +69,6 @@ PIPELINE_VERSION = 2  # 2: cool-star continuum (floored clipping, masked blue ar
 
 #: Keys of the ``[preprocess]`` config section that steer the pipeline rather than the per-spectrum steps.
 PIPELINE_KEYS = ("chunk_size", "n_workers", "batch_size", "normalize", "n_plot_examples")
-
-MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
 @dataclass
@@ -312,21 +320,6 @@ def split_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) -
 # the run
 
 
-def _default_map(n_workers: int, batch_size: int = 32) -> tuple[MapFn, Callable[[], None]]:
-    """``map`` for one worker; a joblib process pool handing ``batch_size`` files to a worker at once."""
-    if n_workers <= 1:
-        return (lambda f, it: map(f, it)), (lambda: None)
-    from joblib import Parallel, delayed
-
-    par = Parallel(n_jobs=n_workers, batch_size=batch_size, return_as="generator")
-    par.__enter__()
-
-    def pmap(f: Callable[[Any], Any], it: Iterable[Any]) -> Iterable[Any]:
-        return par(delayed(f)(x) for x in it)
-
-    return pmap, lambda: par.__exit__(None, None, None)
-
-
 def _plan(
     reference_csv: Path | None,
     prediction_csv: Path | None,
@@ -442,10 +435,9 @@ def run_preprocess(
         cache_root = Path(tmp_cache)
     cache_root.mkdir(parents=True, exist_ok=True)
 
+    pool = contextlib.ExitStack()
     if map_fn is None:
-        map_fn, close_map = _default_map(st.n_workers, st.batch_size)
-    else:
-        close_map = lambda: None  # noqa: E731
+        map_fn = pool.enter_context(process_map(st.n_workers, st.batch_size))
 
     progress_path = output_dir / "progress" / "preprocess.json"
     try:
@@ -480,7 +472,7 @@ def run_preprocess(
         bar.close()
         manifest = _assemble(plans, chunk_files, all_files, grid, opts, st, p_hash, output_dir)
     finally:
-        close_map()
+        pool.close()
         if tmp_cache is not None:
             shutil.rmtree(tmp_cache, ignore_errors=True)
     if plots_dir is not None:
