@@ -118,7 +118,7 @@ def _configs(baseline: str, variant: str, epochs: int) -> tuple[Any, Any]:
 
 
 def _bounds(sim: Path, te: Any, cache: Path) -> np.ndarray:
-    from specabund.crb import cramer_rao_bounds, load_truth
+    from specabund.evaluation.crb import cramer_rao_bounds, load_truth
 
     path = cache / f"crb_{sim.name}_{len(te)}.npy"
     if path.exists():

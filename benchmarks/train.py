@@ -7,8 +7,8 @@ Simulates N LAMOST spectra (SNR 10-200, default ``simulate_dataset`` settings) a
 
 * time per epoch and the training time to early stop;
 * test-set RMSE per label, overall and at SNR > 50;
-* the median Cramer-Rao bound at SNR > 50 (``specabund.crb``, marginalised over every simulator label)
-  and the ratio RMSE / median bound, against the issue's targets ([Mg/Fe], [Ca/Fe] <= 0.04 dex,
+* the median Cramer-Rao bound at SNR > 50 (``specabund.evaluation.crb``, marginalised over every simulator
+  label) and the ratio RMSE / median bound, against the issue's targets ([Mg/Fe], [Ca/Fe] <= 0.04 dex,
   [C/Fe] <= 0.06 dex, ratio < 2; meant for the full N = 5000 run);
 * inference speed (spectra per second, one pass over the test set on the CPU).
 
@@ -105,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n or (600 if args.quick else 5000)
     epochs = args.epochs if args.epochs is not None else (6 if args.quick else None)
 
-    from specabund.crb import cramer_rao_bounds, information_limit_table, load_truth
     from specabund.dataset import load_dataset
     from specabund.elements import STELLAR_PARAMETERS, normalize_label
+    from specabund.evaluation.crb import cramer_rao_bounds, information_limit_table, load_truth
     from specabund.training import load_model, train
 
     torch.set_num_threads(THREADS)

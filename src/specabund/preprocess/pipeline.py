@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import shutil
 import tempfile
 from collections import Counter
@@ -60,7 +59,7 @@ from ..utils import (
     process_map,
 )
 from .options import PreprocessOptions
-from .steps import C_KMS, preprocess_spectrum
+from .steps import preprocess_spectrum, velocity_problem
 
 log = logging.getLogger(__name__)
 
@@ -121,48 +120,6 @@ def preprocess_hash(opts: PreprocessOptions, normalize: bool = True) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # per-file work (runs in worker processes: keep it a module-level function of plain arguments)
-
-
-def velocity_problem(
-    rv_kms: float | None, z: Any, opts: PreprocessOptions, max_abs_rv_kms: float = DEFAULT_MAX_ABS_RV_KMS
-) -> tuple[float | None, str | None]:
-    """Check the velocities of one spectrum before its rest-frame shift.
-
-    Parameters
-    ----------
-    rv_kms : float or None
-        Catalogue radial velocity (km/s); a non-finite one or one with ``|rv| > max_abs_rv_kms`` is
-        dropped, so the header redshift is used instead.
-    z : float or None
-        Header redshift ``Z``.
-    opts : PreprocessOptions
-        ``opts.rv_source == 'none'`` (rest-frame input) needs no velocity.
-    max_abs_rv_kms : float
-        Plausibility limit of ``|rv|`` and ``|Z| c``.
-
-    Returns
-    -------
-    rv_kms : float or None
-        The catalogue velocity to use (None: use the header).
-    problem : str or None
-        Why no velocity is usable (the spectrum is rejected as ``no_valid_rv: <problem>``), else None.
-    """
-    if rv_kms is not None and not (math.isfinite(float(rv_kms)) and abs(float(rv_kms)) <= max_abs_rv_kms):
-        rv_kms = None
-    if rv_kms is not None or opts.rv_source != "header":
-        return rv_kms, None
-    try:
-        zf = float(z) if z is not None and not isinstance(z, bool) else math.nan
-    except (TypeError, ValueError):
-        zf = math.nan
-    if not math.isfinite(zf):
-        return None, f"no catalogue rv and header Z is missing or not a number ({z!r})"
-    if abs(zf) * C_KMS > max_abs_rv_kms:
-        return None, (
-            f"no catalogue rv and header Z = {zf:g} is implausible "
-            f"(|Z| c = {abs(zf) * C_KMS:.0f} km/s > {max_abs_rv_kms:g})"
-        )
-    return None, None
 
 
 def process_file(
@@ -479,10 +436,25 @@ def run_preprocess(
         try:
             from .report import write_preprocessing_plots
 
-            write_preprocessing_plots(output_dir, Path(plots_dir), opts, st, plans)
+            write_preprocessing_plots(
+                output_dir,
+                Path(plots_dir),
+                opts,
+                _files_with_rv(plans),
+                st.n_plot_examples,
+                st.catalog_rules.max_abs_rv_kms,
+            )
         except Exception:  # plots must never lose a finished run
             log.exception("preprocessing plots failed")
     return manifest
+
+
+def _files_with_rv(plans: list[_SetPlan]) -> Iterator[tuple[Path, float | None]]:
+    """Each file of the plans with its catalogue radial velocity (None where absent or not finite)."""
+    for plan in plans:
+        rv = plan.catalog.table["rv"].to_numpy(dtype=float) if "rv" in plan.catalog.table else None
+        for task in plan.tasks:
+            yield task.path, None if rv is None or not np.isfinite(rv[task.row]) else float(rv[task.row])
 
 
 class _Interrupted(SpecabundError):
