@@ -25,7 +25,6 @@ correlation between the importance spectra of every pair of labels (target < 0.7
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import shutil
 import sys
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import build_configs, default_sections
 from ablation import _bounds
 from train import _preprocess, _simulate
 
@@ -66,25 +66,20 @@ def _permuted_set(n: int, seed: int, cache: Path, threads: int) -> Any:
 
 
 def _train(args: argparse.Namespace, tr: Any, va: Any) -> Path:
-    from specabund.config import load_config
-    from specabund.models.registry import default_config
     from specabund.training import train
-    from specabund.training.trainer import TrainConfig
 
     if args.model_dir is not None:
         return args.model_dir
-    cfg = load_config(None)
-    m = dict(cfg["model"])
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    t = {k: v for k, v in cfg["training"].items() if k in fields}
+    m, t = default_sections()
     t.update(device="cpu", num_threads=args.threads, epochs=args.epochs, plot_every=10**6)
     if args.swap_prob is not None:
         t["augment"] = {**t.get("augment", {}), "swap_prob": args.swap_prob}
+    model_cfg, train_cfg = build_configs(m, t)
     tag = "" if args.swap_prob is None else f"_swap{args.swap_prob:g}"
     run = args.cache_dir / f"leak_run_e{args.epochs}{tag}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    train(tr, va, list(LABELS), default_config(m.pop("name", "rescnn"), **m), TrainConfig.from_dict(t), run)
+    train(tr, va, list(LABELS), model_cfg, train_cfg, run)
     print(f"trained in {time.perf_counter() - t0:.0f} s -> {run}")
     return run
 
