@@ -25,6 +25,7 @@ and labels that are not abundances (Teff, logg, [Fe/H]) are never swapped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -135,6 +136,30 @@ def log_flux_change(slope: torch.Tensor, rate: torch.Tensor, delta: torch.Tensor
     return slope * (torch.expm1(rate * delta) / rate)
 
 
+_LAST: dict[str, np.ndarray] = {}
+
+
+def _cached_response(
+    wavelength: np.ndarray,
+    teff: np.ndarray,
+    logg: np.ndarray,
+    fe_h: np.ndarray,
+    abund: np.ndarray,
+    names: list[str],
+) -> np.ndarray:
+    """:func:`abundance_response`, remembering the last result: an ensemble, a tuning study or a rerun trains
+    on the same stars again in one process."""
+    h = hashlib.sha256()
+    for a in (wavelength, teff, logg, fe_h, abund):
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    h.update(",".join(names).encode())
+    key = h.hexdigest()
+    if key not in _LAST:
+        _LAST.clear()
+        _LAST[key] = abundance_response(wavelength, teff, logg, fe_h, abund, names)
+    return _LAST[key]
+
+
 @dataclass
 class AbundanceSwap:
     """The batch operation of the augmentation (see the module docstring).
@@ -182,7 +207,7 @@ class AbundanceSwap:
             return None
         abund = y[:, cols].astype(np.float64)
         names = [labels[c] for c in cols]
-        resp = abundance_response(wavelength, teff, logg, fe_h, abund, names)
+        resp = _cached_response(wavelength, teff, logg, fe_h, abund, names)
         params_ok = np.isfinite(teff) & np.isfinite(logg) & np.isfinite(fe_h)
         usable = np.isfinite(abund) & params_ok[:, None]
         logger.info(
