@@ -171,9 +171,8 @@ def preprocess_cmd(
       specabund preprocess --reference-csv lasp_labels.csv --fits-dir fits --elements TEFF LOGG FE_H
     """
     from ..catalog import CatalogRules
-    from ..config import load_config, save_config
+    from ..config import load_config, parse_settings, save_config
     from ..preprocess import PipelineSettings, run_preprocess
-    from ..preprocess.pipeline import split_options
 
     ws = ctx.obj["ws"]
     log_file = setup_logging(ws, "preprocess", ctx.obj["verbose"])
@@ -192,24 +191,26 @@ def preprocess_cmd(
             "data.flag_policy": flag_policy,
         },
     )
-    opts, pipe = split_options(cfg["preprocess"])
+    typed = parse_settings(cfg)
+    opts, pipe, data = typed.preprocess_options(), typed.pipeline, typed.data
     settings = PipelineSettings(
-        chunk_size=pipe["chunk_size"],
-        n_workers=bounded_workers(pipe["n_workers"]),
-        batch_size=pipe["batch_size"],
-        normalize=pipe["normalize"],
-        n_plot_examples=pipe["n_plot_examples"],
+        chunk_size=pipe.chunk_size,
+        n_workers=bounded_workers(pipe.n_workers),
+        batch_size=pipe.batch_size,
+        normalize=pipe.normalize,
+        n_plot_examples=pipe.n_plot_examples,
         use_cache=not no_cache,
         clear_cache=clear_cache,
-        seed=cfg["data"]["seed"],
-        split_fractions=tuple(cfg["data"]["split_fractions"]),
-        elements=list(cfg["data"]["elements"]) or None,
-        include_stellar_parameters=cfg["data"]["include_stellar_parameters"],
+        seed=data.seed,
+        split_fractions=tuple(data.split_fractions),
+        elements=list(data.elements) or None,
+        include_stellar_parameters=data.include_stellar_parameters,
         catalog_rules=CatalogRules.from_config(cfg["data"]),
         progress=True,
     )
-    fdir = ws.resolve(fits_dir or cfg["paths"]["fits_dir"])
-    odir = lock_output(ctx, ws.resolve(output_dir or cfg["paths"]["processed_dir"]))
+    ws = ws.with_paths(cfg["paths"])
+    fdir = ws.resolve(fits_dir or ws.fits_dir)
+    odir = lock_output(ctx, ws.resolve(output_dir or ws.processed_dir))
     manifest = run_preprocess(
         fits_dir=fdir,
         output_dir=odir,
@@ -217,7 +218,7 @@ def preprocess_cmd(
         prediction_csv=prediction_csv,
         options=opts,
         settings=settings,
-        plots_dir=ws.root / "plots" if plots else None,
+        plots_dir=ws.plots_path if plots else None,
     )
     save_config(cfg, odir / "resolved_config.toml")
     click.echo(f"preprocessed into {odir} (labels: {', '.join(manifest['labels']) or 'none'})")
