@@ -100,18 +100,11 @@ def tune_cmd(
     """
     import optuna
 
+    from ..config import parse_settings
     from ..training import resolve_device
-    from ..tuning import (
-        SearchSpace,
-        TuneOptions,
-        model_config_from_sections,
-        open_study,
-        run_tuning,
-        train_config_from_sections,
-        write_report,
-    )
+    from ..tuning import SearchSpace, open_study, run_tuning, write_report
     from ..tuning.storage import resolve_storage
-    from .train import choose_labels, load_training_data
+    from ..workflows import choose_labels, load_training_data
 
     ws = ctx.obj["ws"]
     log_file = setup_logging(ws, "tune", ctx.obj["verbose"])
@@ -131,12 +124,14 @@ def tune_cmd(
             "tuning.pruner": pruner,
         },
     )
-    tcfg = dict(cfg["tuning"])
-    if tcfg.get("storage") and "://" not in str(tcfg["storage"]):
-        tcfg["storage"] = str(ws.resolve(tcfg["storage"]))
-    options = TuneOptions.from_config(tcfg, worker_id=worker_id)
-    out_dir = ws.results("hyperopt")
-    space = SearchSpace.from_config(cfg["tuning_space"], tcfg.get("group_ratios", (1, 2, 3)))
+    settings = parse_settings(cfg)
+    ws = ws.with_paths(cfg["paths"])
+    storage_spec = settings.tuning.storage
+    if storage_spec and "://" not in storage_spec:
+        storage_spec = str(ws.resolve(storage_spec))
+    options = settings.tune_options(worker_id=worker_id, storage=storage_spec)
+    out_dir = ws.result_dir("tuning")
+    space = SearchSpace.from_config(cfg["tuning_space"], settings.tuning.group_ratios)
     try:
         _, desc = resolve_storage(options.storage, out_dir, options.study_name)
     except optuna.exceptions.OptunaError as exc:
@@ -155,14 +150,17 @@ def tune_cmd(
         summary = write_report(study, out_dir, space=space, storage=desc, seed=options.seed)
     else:
         # the same data split and label choice as `specabund train`
-        train_ds, val_ds, _ = load_training_data(ws.resolve(data_path))
-        requested = tuple(elements) or tuple(cfg["data"]["elements"])
-        labels = choose_labels(
-            requested, list(train_ds.elements), bool(cfg["data"]["include_stellar_parameters"])
+        given = ctx.get_parameter_source("data_path") not in (
+            click.core.ParameterSource.DEFAULT,
+            click.core.ParameterSource.DEFAULT_MAP,
         )
-        device = str(resolve_device(cfg["training"]["device"]))
-        base_model = model_config_from_sections(cfg)
-        base_train = train_config_from_sections(cfg, device=device)
+        path = ws.resolve(data_path) if given else ws.dataset_path("reference")
+        train_ds, val_ds, _ = load_training_data(path)
+        requested = tuple(elements) or tuple(settings.data.elements)
+        labels = choose_labels(requested, list(train_ds.elements), settings.data.include_stellar_parameters)
+        device = str(resolve_device(settings.training.device))
+        base_model = settings.model_config()
+        base_train = settings.train_config(device)
         logger.info(
             "tuning %s on %d training / %d validation spectra (%s), study %r in %s; log %s",
             ",".join(labels),
