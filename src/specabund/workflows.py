@@ -1,4 +1,4 @@
-"""The ``train`` and ``test`` workflows: what ``specabund train``/``test``/``all`` do, as library functions.
+"""The workflows of the commands (``train``, ``test``, ``predict``, ``analyze``, ``tune``) as functions.
 
 A workflow resolves the run folder, the configuration, the data and the labels, runs the stage, writes its
 outputs (atomically) and returns what happened; the command line only parses options, sets up logging,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,18 +50,28 @@ RESOLVED_CONFIG = "resolved_config.toml"
 EVALUATION_BATCH = 1000
 
 __all__ = [
+    "ANALYSIS_TYPES",
     "RESOLVED_CONFIG",
     "TRAIN_ARGS_FILE",
+    "AnalysisPlan",
     "EvaluationOutcome",
+    "PredictionOutcome",
     "TrainOutcome",
     "TrainingPlan",
+    "TuneOutcome",
     "build_configs",
+    "calibrate_run",
     "choose_labels",
     "evaluate_run",
     "load_training_data",
+    "plan_analysis",
     "plan_training",
+    "predict_run",
+    "preprocess_run",
+    "run_analysis",
     "run_config",
     "run_training",
+    "tune_run",
 ]
 
 
@@ -649,3 +659,542 @@ def information_limit(
     with atomic_write(out / "information_limit.csv", "w", encoding="utf-8", newline="") as fh:
         table.to_csv(fh, index=False)
     return table
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+@dataclass
+class PredictionOutcome:
+    """What :func:`predict_run` or :func:`calibrate_run` did.
+
+    Attributes
+    ----------
+    run_dir : Path
+        The model run.
+    out_dir : Path
+        The output folder.
+    summary : dict
+        ``summary.json`` of a prediction, or the calibration report.
+    input : Path or None
+        The dataset predicted (or calibrated on); None for raw files.
+    """
+
+    run_dir: Path
+    out_dir: Path
+    summary: dict[str, Any]
+    input: Path | None = None
+
+
+def _prediction_target(
+    ws: Workspace, model: str | Path | None, device: str, output_dir: str | Path | None
+) -> tuple[Path, Any, Path]:
+    from .runs import resolve_run
+    from .training.saved import load_model
+
+    run_dir = resolve_run(ws.models_path, model)
+    predictor = load_model(run_dir, device)
+    out = ws.resolve(output_dir) if output_dir is not None else ws.result_dir("prediction")
+    return run_dir, predictor, out
+
+
+def predict_run(
+    workspace: Workspace,
+    cfg: Mapping[str, Any],
+    device: str,
+    *,
+    data_path: str | Path | None = None,
+    fits_dir: str | Path | None = None,
+    files: str | None = None,
+    catalog: str | Path | None = None,
+    model: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    ensemble_mode: bool = False,
+    mc_samples: int = 50,
+    batch_size: int = 64,
+    seed: int = 0,
+    apply_calibration: bool = True,
+    preprocess_config: str | Path | None = None,
+    n_workers: int = 1,
+    chunk_size: int = 10000,
+    plots: bool = True,
+    command: str = "specabund predict",
+) -> PredictionOutcome:
+    """The ``predict`` workflow: a catalogue for a dataset or raw FITS files (see
+    :func:`specabund.predict.run_prediction` for the outputs).
+
+    Parameters
+    ----------
+    workspace : Workspace
+        The working directory (folder names from ``cfg['paths']``).
+    cfg : mapping
+        The resolved configuration (written beside the catalogue).
+    device : str
+        The resolved device.
+    data_path : path, optional
+        A preprocessed dataset (default: the prediction dataset under ``processed_dir``).
+    fits_dir, files : optional
+        Raw FITS: a folder, or a glob / text file listing paths (instead of ``data_path``).
+    catalog : path, optional
+        CSV naming raw spectra (spec, rv, group, reference labels).
+    model : str or path, optional
+        Run name or path (default: the newest run).
+    output_dir : path, optional
+        Output folder (default: the prediction results folder).
+    labels, ensemble_mode, mc_samples, batch_size, seed, apply_calibration, chunk_size, plots
+        See :func:`specabund.predict.run_prediction`.
+    preprocess_config : path, optional
+        ``manifest.json`` of the model's training data.
+    n_workers : int
+        Processes preprocessing raw files.
+    command : str
+        Named in the lock file of the output folder.
+    """
+    from .config import dumps
+    from .dataset import load_dataset
+    from .predict import (
+        PredictionInputs,
+        collect_files,
+        read_prediction_catalog,
+        resolve_preprocess,
+        run_prediction,
+    )
+
+    if sum(x is not None for x in (data_path, fits_dir, files)) > 1:
+        raise SpecabundError("give only one of data_path, fits_dir and files")
+    ws = workspace.with_paths(cfg["paths"])
+    run_dir, predictor, out = _prediction_target(ws, model, device, output_dir)
+    settings: dict[str, Any] = {
+        "model": str(run_dir),
+        "device": str(device),
+        "mc_samples": mc_samples,
+        "batch_size": batch_size,
+        "seed": seed,
+        "ensemble_mode": ensemble_mode,
+    }
+    path: Path | None = None
+    with FolderLock(out, command):
+        if fits_dir is not None or files is not None:
+            paths, root = collect_files(ws.resolve(fits_dir) if fits_dir is not None else None, files)
+            opts, normalize, source = resolve_preprocess(
+                predictor,
+                ws.resolve(preprocess_config) if preprocess_config is not None else None,
+                [ws.manifest_path()],
+            )
+            cat = read_prediction_catalog(ws.resolve(catalog)) if catalog is not None else None
+            inputs = PredictionInputs.from_fits(
+                paths, opts, normalize=normalize, catalog=cat, fits_dir=root, n_workers=n_workers
+            )
+            settings.update(input=str(fits_dir or files), preprocess_options_from=source)
+        else:
+            path = ws.resolve(data_path) if data_path is not None else ws.dataset_path("prediction")
+            inputs = PredictionInputs.from_dataset(load_dataset(path))
+            settings.update(input=str(path))
+        summary = run_prediction(
+            predictor,
+            inputs,
+            out,
+            labels=list(labels) if labels else None,
+            ensemble_mode=ensemble_mode,
+            n_samples=mc_samples,
+            batch_size=batch_size,
+            seed=seed,
+            apply_calibration=apply_calibration,
+            batch_root=ws.results(),
+            chunk_size=chunk_size,
+            plots=plots,
+            extra={"settings": settings},
+            extra_files={RESOLVED_CONFIG: "# resolved specabund configuration\n" + dumps(cfg)},
+        )
+    return PredictionOutcome(run_dir=run_dir, out_dir=out, summary=summary, input=path)
+
+
+def calibrate_run(
+    workspace: Workspace,
+    cfg: Mapping[str, Any],
+    device: str,
+    *,
+    data_path: str | Path | None = None,
+    model: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    train_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+    ensemble_mode: bool = False,
+    mc_samples: int = 50,
+    batch_size: int = 64,
+    seed: int = 0,
+    method: str = "coverage",
+    plots: bool = True,
+    command: str = "specabund predict",
+) -> PredictionOutcome:
+    """Fit the uncertainty calibration and OOD reference of a run (``specabund predict --calibrate``).
+
+    Stores ``calibration.json``/``ood_reference.npz`` in the run folder and writes
+    ``calibration_report.json`` (and the pull histograms) to the output folder.
+
+    Parameters
+    ----------
+    data_path : path, optional
+        The validation dataset (default: ``val_dataset.npz`` under ``processed_dir``).
+    train_data, test_data : path, optional
+        OOD/label-range reference and held-out coverage check (default: beside ``data_path``, when there).
+    method : {'coverage', 'mad'}
+        See :func:`specabund.predict.calibration.fit_scale`.
+
+    Other parameters are those of :func:`predict_run`.
+    """
+    from .dataset import load_dataset
+    from .plotting import save_figure
+    from .predict import calibrate
+    from .predict.plots import z_histogram_figure
+
+    ws = workspace.with_paths(cfg["paths"])
+    run_dir, predictor, out = _prediction_target(ws, model, device, output_dir)
+    settings = {
+        "model": str(run_dir),
+        "device": str(device),
+        "mc_samples": mc_samples,
+        "batch_size": batch_size,
+        "seed": seed,
+        "ensemble_mode": ensemble_mode,
+    }
+    val_path = ws.resolve(data_path) if data_path is not None else ws.dataset_path("val")
+    tr = ws.resolve(train_data) if train_data else val_path.parent / "train_dataset.npz"
+    te = ws.resolve(test_data) if test_data else val_path.parent / "test_dataset.npz"
+    with FolderLock(out, command), FolderLock(run_dir, command):  # the calibration is stored with the model
+        res = calibrate(
+            predictor,
+            load_dataset(val_path),
+            train_dataset=load_dataset(tr) if tr.exists() else None,
+            test_dataset=load_dataset(te) if te.exists() else None,
+            labels=list(labels) if labels else None,
+            ensemble_mode=ensemble_mode,
+            n_samples=mc_samples,
+            batch_size=batch_size,
+            seed=seed,
+            method=method,
+        )
+        report = {**res.report, "val_data": str(val_path), "settings": settings}
+        report["train_data"] = str(tr) if tr.exists() else None
+        report["test_data"] = str(te) if te.exists() else None
+        atomic_write_json(out / "calibration_report.json", report)
+        if plots and res.z_val is not None:
+            fig = z_histogram_figure(res.labels, res.z_val, res.scale, res.z_test)
+            save_figure(fig, out / "calibration_z_histograms.png")
+        save_config(cfg, out / RESOLVED_CONFIG)
+    return PredictionOutcome(run_dir=run_dir, out_dir=out, summary=report, input=val_path)
+
+
+# --------------------------------------------------------------------------------------------- analyze
+
+#: ``specabund analyze --type`` values.
+ANALYSIS_TYPES = ("feature_importance", "residual_analysis", "both")
+
+
+@dataclass
+class AnalysisPlan:
+    """The model, data and labels of an analysis (see :func:`plan_analysis`)."""
+
+    workspace: Workspace
+    cfg: dict[str, Any]
+    run_dir: Path
+    model: Any
+    data_path: Path
+    dataset: Dataset
+    labels: list[str]
+    kinds: list[str]
+
+
+def plan_analysis(
+    workspace: Workspace,
+    cfg: Mapping[str, Any],
+    device: str,
+    *,
+    elements: Sequence[str] = (),
+    analysis_type: str = "both",
+    model: str | Path | None = None,
+    data_path: str | Path | None = None,
+) -> AnalysisPlan:
+    """Load the model and data of ``specabund analyze`` and choose the labels.
+
+    Labels default to every abundance the model predicts (else all its labels); ``data_path`` to the test
+    dataset under ``processed_dir``.
+    """
+    from .dataset import load_dataset
+    from .elements import is_abundance, normalize_label
+    from .runs import resolve_run
+    from .training.saved import load_model
+
+    if analysis_type not in ANALYSIS_TYPES:
+        raise SpecabundError(f"analysis type {analysis_type!r}; choose from {', '.join(ANALYSIS_TYPES)}")
+    ws = workspace.with_paths(cfg["paths"])
+    run_dir = resolve_run(ws.models_path, model)
+    loaded = load_model(run_dir, device)
+    path = ws.resolve(data_path) if data_path is not None else ws.dataset_path("test")
+    if not path.exists():
+        raise SpecabundError(f"{path}: no such dataset; run 'specabund preprocess' or give --data-path")
+    ds = load_dataset(path)
+    loaded.check_compatible(ds)
+    if elements:
+        labels = [normalize_label(e) for e in elements]
+        unknown = [lab for lab in labels if lab not in loaded.labels]
+        if unknown:
+            raise SpecabundError(
+                f"model {run_dir.name} does not predict {unknown}; it predicts {loaded.labels}"
+            )
+    else:
+        labels = [lab for lab in loaded.labels if is_abundance(lab)] or list(loaded.labels)
+    kinds = ["feature_importance", "residual_analysis"] if analysis_type == "both" else [analysis_type]
+    return AnalysisPlan(ws, dict(cfg), run_dir, loaded, path, ds, labels, kinds)
+
+
+AnalysisHook = Callable[[str, str, Any], None]
+
+
+def run_analysis(
+    plan: AnalysisPlan,
+    *,
+    save_batch_results: bool = False,
+    on_result: AnalysisHook | None = None,
+    command: str = "specabund analyze",
+) -> list[tuple[str, str, Any]]:
+    """Run the analyses of ``plan``; return ``(kind, label, result)`` per analysis.
+
+    ``result`` is an :class:`~specabund.analysis.runner.AnalysisResult`, or ``None`` for a residual
+    analysis skipped because the data hold no true values of the label. ``on_result(kind, label, result)``
+    is called as each one finishes. Each analysis folder gets the resolved configuration.
+    """
+    from .analysis import ImportanceSettings, run_feature_importance, run_residual_analysis
+
+    cfg, ws, ds = plan.cfg, plan.workspace, plan.dataset
+    acfg = cfg["analysis"]
+    settings = ImportanceSettings.from_mapping(acfg)
+    batch = int(acfg["analysis_batch_size"])
+    max_n = int(acfg["max_spectra"]) or None
+    seed = int(cfg["data"]["seed"])
+    done: list[tuple[str, str, Any]] = []
+    for kind in plan.kinds:
+        out = ws.result_dir(kind)
+        with FolderLock(out, command):
+            for lab in plan.labels:
+                res: Any = None
+                if kind == "feature_importance":
+                    res = run_feature_importance(
+                        plan.model, ds, lab, out, settings=settings, batch_size=batch,
+                        save_batch_results=save_batch_results, max_spectra=max_n, seed=seed,
+                    )  # fmt: skip
+                elif lab in ds.elements:
+                    res = run_residual_analysis(
+                        plan.model, ds, lab, out, batch_size=batch, save_batch_results=save_batch_results,
+                        max_spectra=max_n, seed=seed, snr_bins=tuple(cfg["evaluation"]["snr_bins"]),
+                    )  # fmt: skip
+                done.append((kind, lab, res))
+                if on_result is not None:
+                    on_result(kind, lab, res)
+            save_config(cfg, out / RESOLVED_CONFIG)
+    return done
+
+
+# --------------------------------------------------------------------------------------------- tune
+
+
+@dataclass
+class TuneOutcome:
+    """What :func:`tune_run` did: the tuning folder, the report summary and the study's trials."""
+
+    out_dir: Path
+    summary: dict[str, Any]
+    ran: list[int] = field(default_factory=list)
+    n_done: int = 0
+
+
+def tune_run(
+    workspace: Workspace,
+    cfg: Mapping[str, Any],
+    device: str | None,
+    *,
+    data_path: str | Path | None = None,
+    elements: Sequence[str] = (),
+    worker_id: int | None = None,
+    report_only: bool = False,
+    command: str = "specabund tune",
+) -> TuneOutcome:
+    """The ``tune`` workflow: run (or resume) the study and write its report (see
+    :mod:`specabund.tuning`).
+
+    Parameters
+    ----------
+    workspace : Workspace
+        The working directory (folder names from ``cfg['paths']``).
+    cfg : mapping
+        The resolved configuration (``[tuning]``, ``[tuning_space]``, ``[model]``, ``[training]``).
+    device : str or None
+        The resolved device (not needed with ``report_only``).
+    data_path : path, optional
+        Reference dataset, or a train file with ``val_dataset.npz`` beside it (default: the reference
+        dataset under ``processed_dir``).
+    elements : sequence of str
+        Labels (default ``data.elements``, else every abundance), chosen like ``train`` does.
+    worker_id : int, optional
+        Part of every trial's sampler seed (give each concurrent worker its own).
+    report_only : bool
+        Only rewrite the report of the existing study.
+    command : str
+        Named in the lock file (SQLite storage serves one process: its folder is locked).
+    """
+    import optuna
+
+    from .tuning import SearchSpace, open_study, run_tuning, write_report
+    from .tuning.storage import resolve_storage
+
+    settings = parse_settings(cfg)
+    ws = workspace.with_paths(cfg["paths"])
+    storage_spec = settings.tuning.storage
+    if storage_spec and "://" not in storage_spec:
+        storage_spec = str(ws.resolve(storage_spec))
+    options = settings.tune_options(worker_id=worker_id, storage=storage_spec)
+    out_dir = ws.result_dir("tuning")
+    space = SearchSpace.from_config(cfg["tuning_space"], settings.tuning.group_ratios)
+    try:
+        _, desc = resolve_storage(options.storage, out_dir, options.study_name)
+    except optuna.exceptions.OptunaError as exc:
+        raise SpecabundError(f"tuning.storage: {exc}") from exc
+    # SQLite serves one process: a second tune into the same results is refused (journal and RDB
+    # storages are meant to be shared by several workers)
+    lock = FolderLock(out_dir, command) if desc.startswith("sqlite:") else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        outcome = TuneOutcome(out_dir=out_dir, summary={})
+        if report_only:
+            study, desc = open_study(options, out_dir)
+            if not study.get_trials(deepcopy=False):
+                raise SpecabundError(
+                    f"study {options.study_name!r} in {desc} has no trials; run `specabund tune` first"
+                )
+            outcome.summary = write_report(study, out_dir, space=space, storage=desc, seed=options.seed)
+        else:
+            if device is None:
+                raise SpecabundError("tune_run needs the device to train on")
+            path = ws.resolve(data_path) if data_path is not None else ws.dataset_path("reference")
+            train_ds, val_ds, _ = load_training_data(path)
+            requested = tuple(elements) or tuple(settings.data.elements)
+            labels = choose_labels(
+                requested, list(train_ds.elements), settings.data.include_stellar_parameters
+            )
+            base_model = settings.model_config()
+            base_train = settings.train_config(device)
+            logger.info(
+                "tuning %s on %d training / %d validation spectra (%s), study %r in %s",
+                ",".join(labels),
+                len(train_ds),
+                len(val_ds),
+                device,
+                options.study_name,
+                desc,
+            )
+            result = run_tuning(train_ds, val_ds, labels, space, base_model, base_train, options, out_dir)
+            outcome.summary = write_report(
+                result.study,
+                out_dir,
+                space=space,
+                model_name=base_model.name,
+                storage=result.storage,
+                seed=options.seed,
+            )
+            outcome.ran, outcome.n_done = list(result.ran), int(result.n_done)
+            logger.info("this process finished trials %s; the study holds %d", result.ran, result.n_done)
+        save_config(cfg, out_dir / RESOLVED_CONFIG)
+    finally:
+        if lock is not None:
+            lock.release()
+    return outcome
+
+
+# --------------------------------------------------------------------------------------------- preprocess
+
+
+def preprocess_run(
+    workspace: Workspace,
+    cfg: Mapping[str, Any],
+    *,
+    reference_csv: str | Path | None = None,
+    prediction_csv: str | Path | None = None,
+    fits_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    n_workers: int | None = None,
+    use_cache: bool = True,
+    clear_cache: bool = False,
+    plots: bool = True,
+    progress: bool = False,
+    command: str = "specabund preprocess",
+) -> tuple[Path, dict[str, Any]]:
+    """The ``preprocess`` workflow: FITS files into training-ready datasets.
+
+    Parameters
+    ----------
+    workspace : Workspace
+        The working directory (folder names from ``cfg['paths']``).
+    cfg : mapping
+        The resolved configuration (``[preprocess]``, ``[data]``; written beside the datasets).
+    reference_csv, prediction_csv : path, optional
+        The label catalogues (at least one).
+    fits_dir, output_dir : path, optional
+        Default: ``[paths] fits_dir`` and ``processed_dir``.
+    n_workers : int, optional
+        Worker processes (default ``preprocess.n_workers``).
+    use_cache, clear_cache : bool
+        Read and keep / first delete the per-chunk cache.
+    plots : bool
+        Write the preprocessing plots under the plots folder.
+    progress : bool
+        Show progress bars.
+    command : str
+        Named in the lock file of the output folder.
+
+    Returns
+    -------
+    output_dir : Path
+        Where the datasets went.
+    manifest : dict
+        Counts, labels, rejections and options.
+    """
+    from .catalog import CatalogRules
+    from .preprocess import PipelineSettings, run_preprocess
+
+    if reference_csv is None and prediction_csv is None:
+        raise SpecabundError("give a reference catalogue, a prediction catalogue or both")
+    settings = parse_settings(cfg)
+    ws = workspace.with_paths(cfg["paths"])
+    pipe, data = settings.pipeline, settings.data
+    pipeline = PipelineSettings(
+        chunk_size=pipe.chunk_size,
+        n_workers=n_workers if n_workers is not None else pipe.n_workers,
+        batch_size=pipe.batch_size,
+        normalize=pipe.normalize,
+        n_plot_examples=pipe.n_plot_examples,
+        use_cache=use_cache,
+        clear_cache=clear_cache,
+        seed=data.seed,
+        split_fractions=tuple(data.split_fractions),  # type: ignore[arg-type]
+        elements=list(data.elements) or None,
+        include_stellar_parameters=data.include_stellar_parameters,
+        catalog_rules=CatalogRules.from_config(cfg["data"]),
+        progress=progress,
+    )
+    fdir = ws.resolve(fits_dir if fits_dir is not None else ws.fits_dir)
+    odir = ws.resolve(output_dir if output_dir is not None else ws.processed_dir)
+    with FolderLock(odir, command):
+        manifest = run_preprocess(
+            fits_dir=fdir,
+            output_dir=odir,
+            reference_csv=ws.resolve(reference_csv) if reference_csv is not None else None,
+            prediction_csv=ws.resolve(prediction_csv) if prediction_csv is not None else None,
+            options=settings.preprocess_options(),
+            settings=pipeline,
+            plots_dir=ws.plots_path if plots else None,
+        )
+        save_config(cfg, odir / RESOLVED_CONFIG)
+    return odir, manifest
