@@ -66,7 +66,7 @@ def test_leaf_objects_take_their_defaults_from_the_schema() -> None:
     for f in dataclasses.fields(TuningSection):
         if f.name not in ("group_ratios", "timeout"):
             assert getattr(tune, f.name) == getattr(TuningSection(), f.name), f.name
-    assert settings.tune_options() == TuneOptions()
+    assert TuneOptions.from_config({}) == TuneOptions()
     importance = ImportanceSettings()
     for f in dataclasses.fields(ImportanceSettings):
         assert getattr(importance, f.name) == getattr(AnalysisSection(), f.name), f.name

@@ -45,11 +45,10 @@ from .utils import atomic_write_text
 from .workspace import DEFAULT_PATHS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .baselines.runner import CannonSettings
+    from .baselines.registry import CannonSettings
     from .models import ModelConfig
     from .preprocess import PreprocessOptions
     from .training import TrainConfig
-    from .tuning import TuneOptions
 
 
 def limits(
@@ -510,17 +509,9 @@ class Settings:
         """Members of an ensemble run (``training.ensemble``)."""
         return self.training.ensemble
 
-    def tune_options(self, **overrides: Any) -> TuneOptions:
-        """The :class:`~specabund.tuning.TuneOptions` of ``[tuning]`` (``overrides``: e.g. ``worker_id``)."""
-        from .tuning.runner import TuneOptions
-
-        data = {k: v for k, v in dataclasses.asdict(self.tuning).items() if k != "group_ratios"}
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return TuneOptions(**data)
-
     def cannon_settings(self) -> CannonSettings:
         """The Cannon baseline's ``CannonSettings`` (``[baseline] cannon_*``)."""
-        from .baselines.runner import CannonSettings
+        from .baselines.registry import CannonSettings
 
         b = self.baseline
         half_width = float(b.cannon_censor_half_width)

@@ -168,7 +168,10 @@ class TuneOptions:
         The table is validated by the configuration schema (:class:`~specabund.config.TuningSection`):
         an unknown key, a wrong type or a value out of range raises :class:`ConfigError` naming it.
         """
-        return parse_settings({"tuning": dict(section)}).tune_options(**overrides)
+        checked = parse_settings({"tuning": dict(section)}).tuning
+        data = {k: v for k, v in dataclasses.asdict(checked).items() if k != "group_ratios"}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -201,7 +201,7 @@ def information_limit(
     """RMSE against the Cramer-Rao bound of the simulator, written to ``information_limit.csv``."""
     import pandas as pd
 
-    from ..crb import cramer_rao_bounds, information_limit_table, load_truth
+    from ..evaluation.crb import cramer_rao_bounds, information_limit_table, load_truth
 
     labels = list(labels)
     pred = pd.read_csv(out / "predictions.csv")

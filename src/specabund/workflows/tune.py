@@ -71,7 +71,7 @@ def tune_run(
     """
     import optuna
 
-    from ..tuning import SearchSpace, open_study, run_tuning, write_report
+    from ..tuning import SearchSpace, TuneOptions, open_study, run_tuning, write_report
     from ..tuning.storage import resolve_storage
 
     settings = parse_settings(cfg)
@@ -79,7 +79,7 @@ def tune_run(
     storage_spec = settings.tuning.storage
     if storage_spec and "://" not in storage_spec:
         storage_spec = str(ws.resolve(storage_spec))
-    options = settings.tune_options(worker_id=worker_id, storage=storage_spec)
+    options = TuneOptions.from_config(cfg["tuning"], worker_id=worker_id, storage=storage_spec)
     out_dir = ws.result_dir("tuning")
     space = SearchSpace.from_config(cfg["tuning_space"], settings.tuning.group_ratios)
     try:
