@@ -31,7 +31,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "runs",
             "io",
             "catalog",
-            "config",
             "workspace",
         ),
     ),
@@ -42,8 +41,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("evaluation", ("evaluation",)),
     ("predict", ("predict",)),
     ("baselines", ("baselines",)),
+    ("configuration", ("config",)),
     ("tuning", ("tuning",)),
     ("analysis", ("analysis",)),
+    ("workflows", ("workflows",)),
     ("api", ("api",)),
     ("cli", ("cli", "__main__")),
 )

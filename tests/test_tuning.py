@@ -24,7 +24,6 @@ from optuna.trial import TrialState
 import specabund.cli.tune  # noqa: F401  (registers `specabund tune` on `main`)
 from helpers import noisy_dataset, split_70_15_15
 from specabund.cli import main
-from specabund.cli.train import build_configs
 from specabund.config import load_config
 from specabund.dataset import Dataset, save_dataset
 from specabund.errors import ConfigError, SpecabundError
@@ -45,6 +44,7 @@ from specabund.tuning import (
     tuning_summary,
     write_report,
 )
+from specabund.workflows import build_configs
 
 LABELS = ["C_FE", "MG_FE", "FE_H"]
 SPACE = {

@@ -9,7 +9,8 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,47 +25,199 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger(__name__)
 
-RUNTIME_FOLDERS: tuple[str, ...] = ("fits", "processed_data", "models", "results", "logs", "plots")
+#: ``[paths]`` keys and their default folder names (``configs/default.toml``).
+DEFAULT_PATHS: dict[str, str] = {
+    "fits_dir": "fits",
+    "processed_dir": "processed_data",
+    "models_dir": "models",
+    "results_dir": "results",
+    "logs_dir": "logs",
+    "plots_dir": "plots",
+}
+RUNTIME_FOLDERS: tuple[str, ...] = tuple(DEFAULT_PATHS.values())
 
 #: Name of the lock file a running command keeps in its output folder.
 LOCK_FILE = ".specabund.lock"
 
+#: Folders of each stage's results under ``[paths] results_dir``.
+RESULT_FOLDERS: dict[str, str] = {
+    "evaluation": "evaluation",
+    "prediction": "predictions",
+    "tuning": "hyperopt",
+    "baseline": "baseline",
+    "feature_importance": "feature_importance",
+    "residual_analysis": "residual_analysis",
+}
+#: Suffix of every per-batch results folder (:class:`~specabund.tracking.BatchTracker`).
+BATCH_RESULTS_SUFFIX = "_batch_results"
+#: File names of the preprocessed datasets under ``[paths] processed_dir``.
+DATASET_FILES: dict[str, str] = {
+    "reference": "reference_dataset.npz",
+    "train": "train_dataset.npz",
+    "val": "val_dataset.npz",
+    "test": "test_dataset.npz",
+    "prediction": "prediction_dataset.npz",
+}
+#: ``best_params.toml`` of ``specabund tune`` in the tuning folder.
+TUNED_PARAMS_FILE = "best_params.toml"
+
+
+def result_folder(results_dir: str | Path, stage: str) -> Path:
+    """The folder of ``stage``'s results (a key of :data:`RESULT_FOLDERS`) under ``results_dir``."""
+    try:
+        return Path(results_dir) / RESULT_FOLDERS[stage]
+    except KeyError:
+        raise ValueError(f"unknown result stage {stage!r}; known: {', '.join(RESULT_FOLDERS)}") from None
+
+
+def batch_results_dir(parent: str | Path, stage: str | None, name: str) -> Path:
+    """The per-batch results folder of ``name``: ``<parent>/<stage>_<name>_batch_results``.
+
+    Parameters
+    ----------
+    parent : path
+        The folder holding it (the results folder, or an analysis folder).
+    stage : str or None
+        ``'training'``, ``'evaluation'``, ``'prediction'``, ``'baseline'``; ``None`` for the per-label folders
+        inside an analysis folder (``<parent>/<name>_batch_results``).
+    name : str
+        What the batches are about: a label, labels joined by ``_``, or ``<label>_<model>``.
+    """
+    prefix = f"{stage}_" if stage else ""
+    return Path(parent) / f"{prefix}{name}{BATCH_RESULTS_SUFFIX}"
+
+
+def find_batch_results(parent: str | Path, stage: str | None) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every :func:`batch_results_dir` of ``stage`` under ``parent``, sorted."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    prefix = f"{stage}_" if stage else ""
+    out = []
+    for folder in sorted(parent.glob(f"{prefix}*{BATCH_RESULTS_SUFFIX}")):
+        name = folder.name[len(prefix) : -len(BATCH_RESULTS_SUFFIX)]
+        if name and folder.is_dir():
+            out.append((name, folder))
+    return out
+
+
+def tracking_name(labels: list[str]) -> str:
+    """What a training run's batch folder is named after: its abundances (else all labels), joined."""
+    abund = [lab for lab in labels if lab.endswith("_FE")] or labels
+    return "_".join(abund)
+
+
+def run_name(labels: list[str]) -> str:
+    """Default name of a new training run: up to four abundances and a UTC time stamp."""
+    abund = [lab for lab in labels if lab.endswith("_FE")] or labels
+    return f"{'_'.join(abund[:4])}{'_etc' if len(abund) > 4 else ''}_{timestamp()}"
+
 
 @dataclass(frozen=True)
 class Workspace:
-    """Paths of the runtime folders under ``root``.
+    """Paths of the runtime folders under ``root``, named by ``[paths]``.
 
-    Each accessor creates its folder (and the given sub-folders) on first use; a folder that cannot be
-    created raises :class:`~specabund.errors.OutputError` naming it and the cause.
+    Every run, result and batch-results folder name is built here. Each folder accessor creates its folder
+    (and the given sub-folders) on first use; a folder that cannot be created raises
+    :class:`~specabund.errors.OutputError` naming it and the cause. Absolute ``[paths]`` entries are used
+    as given, relative ones are taken under ``root``.
+
+    Parameters
+    ----------
+    root : Path
+        The working directory (``--workdir``).
+    fits_dir, processed_dir, models_dir, results_dir, logs_dir, plots_dir : str
+        The ``[paths]`` section.
     """
 
     root: Path
+    fits_dir: str = DEFAULT_PATHS["fits_dir"]
+    processed_dir: str = DEFAULT_PATHS["processed_dir"]
+    models_dir: str = DEFAULT_PATHS["models_dir"]
+    results_dir: str = DEFAULT_PATHS["results_dir"]
+    logs_dir: str = DEFAULT_PATHS["logs_dir"]
+    plots_dir: str = DEFAULT_PATHS["plots_dir"]
+
+    @classmethod
+    def from_config(cls, root: str | Path, paths: Mapping[str, Any] | None = None) -> Workspace:
+        """A workspace at ``root`` with the ``[paths]`` section ``paths`` (missing keys: defaults)."""
+        return cls(Path(root)).with_paths(paths)
+
+    def with_paths(self, paths: Mapping[str, Any] | None) -> Workspace:
+        """This workspace with the folder names of a ``[paths]`` section."""
+        given = {k: str(v) for k, v in (paths or {}).items() if k in DEFAULT_PATHS and v is not None}
+        return replace(self, **given) if given else self
 
     def _dir(self, name: str, *sub: str) -> Path:
-        return ensure_dir(self.root.joinpath(name, *sub))
+        return ensure_dir(self.resolve(name).joinpath(*sub))
 
     def fits(self, *sub: str) -> Path:
-        return self._dir("fits", *sub)
+        return self._dir(self.fits_dir, *sub)
 
     def processed(self, *sub: str) -> Path:
-        return self._dir("processed_data", *sub)
+        return self._dir(self.processed_dir, *sub)
 
     def models(self, *sub: str) -> Path:
-        return self._dir("models", *sub)
+        return self._dir(self.models_dir, *sub)
 
     def results(self, *sub: str) -> Path:
-        return self._dir("results", *sub)
+        return self._dir(self.results_dir, *sub)
 
     def logs(self, *sub: str) -> Path:
-        return self._dir("logs", *sub)
+        return self._dir(self.logs_dir, *sub)
 
     def plots(self, *sub: str) -> Path:
-        return self._dir("plots", *sub)
+        return self._dir(self.plots_dir, *sub)
 
     def resolve(self, path: str | Path) -> Path:
         """``path`` as given when absolute, else relative to the workspace root."""
         p = Path(path)
         return p if p.is_absolute() else self.root / p
+
+    # ------------------------------------------------------------------ names (no folder is created)
+
+    @property
+    def models_path(self) -> Path:
+        """The models folder (not created)."""
+        return self.resolve(self.models_dir)
+
+    @property
+    def results_path(self) -> Path:
+        """The results folder (not created)."""
+        return self.resolve(self.results_dir)
+
+    @property
+    def plots_path(self) -> Path:
+        """The plots folder (not created)."""
+        return self.resolve(self.plots_dir)
+
+    def dataset_path(self, kind: str) -> Path:
+        """A preprocessed dataset (``'reference'``, ``'train'``, ``'val'``, ``'test'``, ``'prediction'``)."""
+        return self.resolve(self.processed_dir) / DATASET_FILES[kind]
+
+    def manifest_path(self) -> Path:
+        """``manifest.json`` of the preprocessed data."""
+        return self.resolve(self.processed_dir) / "manifest.json"
+
+    def run_dir(self, name: str) -> Path:
+        """The folder of training run ``name`` under the models folder."""
+        return self.models_path / name
+
+    def log_file(self, stage: str) -> Path:
+        """A new log file ``<logs>/<stage>/<stage>_<timestamp>.log`` (not created)."""
+        return self.resolve(self.logs_dir) / stage / f"{stage}_{timestamp()}.log"
+
+    def result_dir(self, stage: str) -> Path:
+        """The results folder of ``stage`` (a key of :data:`RESULT_FOLDERS`; created)."""
+        return ensure_dir(result_folder(self.results_path, stage))
+
+    def tuned_params(self) -> Path:
+        """``best_params.toml`` written by ``specabund tune`` (may not exist)."""
+        return result_folder(self.results_path, "tuning") / TUNED_PARAMS_FILE
+
+    def batch_results(self, stage: str, name: str) -> Path:
+        """``<results>/<stage>_<name>_batch_results`` (created)."""
+        return ensure_dir(batch_results_dir(self.results_path, stage, name))
 
 
 def timestamp() -> str:

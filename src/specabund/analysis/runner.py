@@ -44,6 +44,7 @@ from ..plotting import save_figure
 from ..tracking import TRACKING_FILE, BatchTracker
 from ..training.saved import WEIGHTS_FILE, LoadedEnsemble, LoadedModel
 from ..utils import atomic_write, atomic_write_json, atomic_write_text, hash_bytes, hash_file, hash_json
+from ..workspace import RESULT_FOLDERS, batch_results_dir
 from .explain import explain_importance, explanation_text
 from .importance import (
     AttributionStats,
@@ -68,8 +69,8 @@ __all__ = [
     "select_spectra",
 ]
 
-FEATURE_IMPORTANCE_DIR = "feature_importance"
-RESIDUAL_ANALYSIS_DIR = "residual_analysis"
+FEATURE_IMPORTANCE_DIR = RESULT_FOLDERS["feature_importance"]
+RESIDUAL_ANALYSIS_DIR = RESULT_FOLDERS["residual_analysis"]
 STATE_FILE = "analysis_state.json"
 IMPORTANCE_TRENDS = (
     "own_fraction",
@@ -109,7 +110,7 @@ class AnalysisResult:
 
 def batch_folder(out_dir: str | Path, label: str) -> Path:
     """``<out_dir>/<label>_batch_results``."""
-    return Path(out_dir) / f"{label}_batch_results"
+    return batch_results_dir(out_dir, None, label)
 
 
 def select_spectra(n: int, max_spectra: int | None, seed: int) -> np.ndarray:

@@ -29,6 +29,7 @@ import pandas as pd
 from ..errors import SpecabundError
 from ..tracking import TRACKING_FILE, BatchTracker
 from ..utils import to_jsonable
+from ..workspace import batch_results_dir, find_batch_results, result_folder
 
 __all__ = [
     "STAGES",
@@ -164,9 +165,8 @@ def _read_batch_folder(folder: Path, name: str) -> BatchResults:
 
 def _glob_batch(results_dir: Path, prefix: str, labels: Sequence[str] | None) -> list[BatchResults]:
     out = []
-    for folder in sorted(results_dir.glob(f"{prefix}_*_batch_results")):
-        name = folder.name[len(prefix) + 1 : -len("_batch_results")]
-        if folder.is_dir() and (folder / TRACKING_FILE).exists() and label_matches(name, labels):
+    for name, folder in find_batch_results(results_dir, prefix):
+        if (folder / TRACKING_FILE).exists() and label_matches(name, labels):
             out.append(_read_batch_folder(folder, name))
     return out
 
@@ -211,12 +211,11 @@ def _analysis(results_dir: Path, labels: Sequence[str] | None, analysis_type: st
     res = StageResults("analysis", results_dir, list(labels) if labels else None, analysis_type)
     kinds = [analysis_type] if analysis_type else ["feature_importance", "residual_analysis"]
     for kind in kinds:
-        base = results_dir / kind
+        base = result_folder(results_dir, kind)
         res.searched.append(str(base))
         if not base.is_dir():
             continue
-        for folder in sorted(base.glob("*_batch_results")):
-            lab = folder.name[: -len("_batch_results")]
+        for lab, folder in find_batch_results(base, None):
             if (folder / TRACKING_FILE).exists() and label_matches(lab, labels):
                 res.batches.append(_read_batch_folder(folder, lab))
                 res.batches[-1].name = f"{kind}/{lab}"
@@ -259,7 +258,7 @@ def _analysis(results_dir: Path, labels: Sequence[str] | None, analysis_type: st
 
 def _tuning(results_dir: Path) -> StageResults:
     res = StageResults("tuning", results_dir)
-    folder = results_dir / "hyperopt"
+    folder = result_folder(results_dir, "tuning")
     res.searched.append(str(folder))
     summary: dict[str, Any] | None = None
     try:
@@ -323,26 +322,26 @@ def collect_results(
         "prediction": "prediction",
         "baseline": "baseline",
     }
-    res.searched.append(str(results_dir / f"{prefix[stage]}_*_batch_results"))
+    res.searched.append(str(batch_results_dir(results_dir, prefix[stage], "*")))
     res.batches = _glob_batch(results_dir, prefix[stage], labels)
     if stage == "evaluation":
-        res.searched.append(str(results_dir / "evaluation"))
-        sec = _files_section("evaluation", results_dir / "evaluation", labels)
+        res.searched.append(str(result_folder(results_dir, "evaluation")))
+        sec = _files_section("evaluation", result_folder(results_dir, "evaluation"), labels)
         if sec is not None:
             res.sections.append(sec)
     elif stage == "prediction":
-        res.searched.append(str(results_dir / "predictions"))
-        sec = _files_section("predictions", results_dir / "predictions", labels)
+        res.searched.append(str(result_folder(results_dir, "prediction")))
+        sec = _files_section("predictions", result_folder(results_dir, "prediction"), labels)
         if sec is not None:
             res.sections.append(sec)
     elif stage == "baseline":
-        comp = results_dir / "baseline" / "comparison.csv"
+        comp = result_folder(results_dir, "baseline") / "comparison.csv"
         res.searched.append(str(comp))
         if comp.exists():
             table = _read_csv(comp)
             if table is not None:
                 table = _filter_label_rows(table, labels)
-            files = [comp, *sorted((results_dir / "baseline").glob("*.png"))]
+            files = [comp, *sorted(comp.parent.glob("*.png"))]
             res.sections.append(Section("model comparison", table, None, files))
             if table is not None and "labels_only" in set(table["model"].astype(str)):
                 from ..baselines.comparison import labels_only_verdicts

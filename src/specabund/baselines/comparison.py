@@ -46,7 +46,9 @@ METRIC_COLUMNS: tuple[str, ...] = ("rmse", "robust_scatter", "bias", "r2")
 
 def comparison_dir(out_root: str | Path) -> Path:
     """``<out_root>/baseline``."""
-    return Path(out_root) / "baseline"
+    from ..workspace import result_folder
+
+    return result_folder(out_root, "baseline")
 
 
 def comparison_path(out_root: str | Path) -> Path:

@@ -81,7 +81,9 @@ def resolve_models(model_name: str) -> list[str]:
 
 def batch_results_dir(out_root: str | Path, element: str, model: str) -> Path:
     """``<out_root>/baseline_<element>_<model>_batch_results``."""
-    return Path(out_root) / f"baseline_{element}_{model}_batch_results"
+    from ..workspace import batch_results_dir as _batch_results_dir
+
+    return _batch_results_dir(out_root, "baseline", f"{element}_{model}")
 
 
 class _Run:

@@ -23,7 +23,7 @@ import click
 from .. import __version__
 from ..errors import OutputError, SpecabundError, describe_os_error
 from ..utils import cap_workers, ensure_dir
-from ..workspace import FolderLock, Workspace, timestamp
+from ..workspace import FolderLock, Workspace
 
 EPILOG = """\b
 Examples:
@@ -88,7 +88,7 @@ def setup_logging(ws: Workspace, stage: str, verbose: bool) -> Path:
     root.addHandler(sh)
     for noisy in ("matplotlib", "PIL", "numba", "fontTools"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    log_file = ws.root / "logs" / stage / f"{stage}_{timestamp()}.log"
+    log_file = ws.log_file(stage)
     try:
         ensure_dir(log_file.parent)
         fh = _QuietFileHandler(log_file, encoding="utf-8")

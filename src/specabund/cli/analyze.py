@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
-from . import lock_output, main, setup_logging
+from ..workflows import ANALYSIS_TYPES
+from . import main, setup_logging
 from .options import config_option, elements_option
 
 log = logging.getLogger("specabund.cli")
 
 for _name in ("analyze", "show-results", "report"):
     main.commands.pop(_name, None)  # replace the "not built yet" stubs
-
-ANALYSIS_TYPES = ("feature_importance", "residual_analysis", "both")
 
 
 @main.command("analyze")
@@ -88,14 +88,9 @@ def analyze_cmd(
              results/residual_analysis/<label>_{residual_analysis.png,residual_report.txt,predictions.csv}
              and with --save-batch-results the <label>_batch_results/ folders.
     """
-    from ..analysis import ImportanceSettings, run_feature_importance, run_residual_analysis
-    from ..analysis.runner import FEATURE_IMPORTANCE_DIR, RESIDUAL_ANALYSIS_DIR
-    from ..config import load_config, save_config
-    from ..dataset import load_dataset
-    from ..elements import is_abundance, normalize_label
-    from ..errors import SpecabundError
-    from ..runs import resolve_run
-    from ..training import load_model, resolve_device
+    from ..config import load_config
+    from ..training import resolve_device
+    from ..workflows import plan_analysis, run_analysis
 
     ws = ctx.obj["ws"]
     log_file = setup_logging(ws, "analyze", ctx.obj["verbose"])
@@ -109,66 +104,39 @@ def analyze_cmd(
             "training.device": device,
         },
     )
-    acfg = cfg["analysis"]
-    settings = ImportanceSettings.from_mapping(acfg)
-    run_dir = resolve_run(ws.resolve(cfg["paths"]["models_dir"]), model_run)
-    dev = resolve_device(cfg["training"]["device"])
-    model = load_model(run_dir, dev)
-    path = ws.resolve(data_path or Path(cfg["paths"]["processed_dir"]) / "test_dataset.npz")
-    if not path.exists():
-        raise SpecabundError(f"{path}: no such dataset; run 'specabund preprocess' or give --data-path")
-    ds = load_dataset(path)
-    model.check_compatible(ds)
-    if elements:
-        labels = [normalize_label(e) for e in elements]
-        unknown = [lab for lab in labels if lab not in model.labels]
-        if unknown:
-            raise SpecabundError(
-                f"model {run_dir.name} does not predict {unknown}; it predicts {model.labels}"
+    dev = str(resolve_device(cfg["training"]["device"]))
+    plan = plan_analysis(
+        ws, cfg, dev, elements=elements, analysis_type=analysis_type, model=model_run, data_path=data_path
+    )
+    click.echo(
+        f"model {plan.run_dir.name} on {dev}; data {plan.data_path} ({len(plan.dataset)} spectra); "
+        f"labels {', '.join(plan.labels)}"
+    )
+
+    def show(kind: str, lab: str, res: Any) -> None:
+        if res is None:
+            click.echo(f"{lab}: no true values in {plan.data_path.name}; residual analysis skipped")
+            return
+        s = res.summary
+        if kind == "feature_importance":
+            click.echo(
+                f"{lab} feature importance ({s['n_spectra']} spectra): own-line fraction "
+                f"{s['own_fraction']:.1%} ({s['enrichment']:.2f}x chance); "
+                f"IG completeness {s['ig_relative_delta']:.1e}"
             )
-    else:
-        labels = [lab for lab in model.labels if is_abundance(lab)] or list(model.labels)
-    results = ws.resolve(cfg["paths"]["results_dir"])
-    kinds = ["feature_importance", "residual_analysis"] if analysis_type == "both" else [analysis_type]
-    batch = int(acfg["analysis_batch_size"])
-    max_n = int(acfg["max_spectra"]) or None
-    seed = int(cfg["data"]["seed"])
-    click.echo(f"model {run_dir.name} on {dev}; data {path} ({len(ds)} spectra); labels {', '.join(labels)}")
-    for kind in kinds:
-        out = results / (FEATURE_IMPORTANCE_DIR if kind == "feature_importance" else RESIDUAL_ANALYSIS_DIR)
-        lock_output(ctx, out)
-        for lab in labels:
-            if kind == "feature_importance":
-                res = run_feature_importance(
-                    model, ds, lab, out, settings=settings, batch_size=batch,
-                    save_batch_results=save_batch_results, max_spectra=max_n, seed=seed,
-                )  # fmt: skip
-                s = res.summary
-                click.echo(
-                    f"{lab} feature importance ({s['n_spectra']} spectra): own-line fraction "
-                    f"{s['own_fraction']:.1%} ({s['enrichment']:.2f}x chance); "
-                    f"IG completeness {s['ig_relative_delta']:.1e}"
-                )
-                click.echo(f"  {s['verdict']}")
-            else:
-                if lab not in ds.elements:
-                    click.echo(f"{lab}: no true values in {path.name}; residual analysis skipped")
-                    continue
-                res = run_residual_analysis(
-                    model, ds, lab, out, batch_size=batch, save_batch_results=save_batch_results,
-                    max_spectra=max_n, seed=seed, snr_bins=tuple(cfg["evaluation"]["snr_bins"]),
-                )  # fmt: skip
-                s = res.summary
-                click.echo(
-                    f"{lab} residuals (n={s['n']}): RMSE {s['rmse']:.4g}, MAE {s['mae']:.4g}, bias "
-                    f"{s['bias']:+.3g}, robust scatter {s['robust_scatter']:.4g}, R2 {s['r2']:.3f}"
-                )
-            if res.batches_skipped:
-                click.echo(f"  resumed: batches {res.batches_skipped} were already done")
-            for role in ("plot", "regions", "explanation", "report", "predictions", "batch_folder"):
-                if role in res.files:
-                    click.echo(f"  {role}: {res.files[role]}")
-        save_config(cfg, out / "resolved_config.toml")
+            click.echo(f"  {s['verdict']}")
+        else:
+            click.echo(
+                f"{lab} residuals (n={s['n']}): RMSE {s['rmse']:.4g}, MAE {s['mae']:.4g}, bias "
+                f"{s['bias']:+.3g}, robust scatter {s['robust_scatter']:.4g}, R2 {s['r2']:.3f}"
+            )
+        if res.batches_skipped:
+            click.echo(f"  resumed: batches {res.batches_skipped} were already done")
+        for role in ("plot", "regions", "explanation", "report", "predictions", "batch_folder"):
+            if role in res.files:
+                click.echo(f"  {role}: {res.files[role]}")
+
+    run_analysis(plan, save_batch_results=save_batch_results, on_result=show, command="specabund analyze")
     click.echo(f"log: {log_file}")
 
 
@@ -209,9 +177,8 @@ def show_results_cmd(
     from ..config import load_config
     from ..elements import normalize_label
 
-    ws = ctx.obj["ws"]
     cfg = load_config(config_file)
-    results = ws.resolve(cfg["paths"]["results_dir"])
+    results = ctx.obj["ws"].with_paths(cfg["paths"]).results_path
     labels = [normalize_label(e) for e in elements] or None
     found = collect_results(results, result_type, labels, analysis_type)
     if fmt == "json":
@@ -242,9 +209,10 @@ def report_cmd(ctx: click.Context, output: Path | None, config_file: str | None)
     ws = ctx.obj["ws"]
     setup_logging(ws, "report", ctx.obj["verbose"])
     cfg = load_config(config_file)
-    results = ws.resolve(cfg["paths"]["results_dir"])
+    ws = ws.with_paths(cfg["paths"])
+    results = ws.results_path
     out = ws.resolve(output) if output is not None else results / "report.html"
-    info = write_report(results, out, plots_dir=ws.resolve(cfg["paths"]["plots_dir"]))
+    info = write_report(results, out, plots_dir=ws.plots_path)
     click.echo(f"wrote {out} ({info['n_images']} images)")
     click.echo(f"  sections: {', '.join(info['included']) or 'none'}")
     if info["omitted"]:

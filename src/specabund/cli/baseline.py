@@ -93,10 +93,9 @@ def baseline_cmd(
       specabund baseline --element MG_FE --model all
       specabund baseline --element MG_FE --model cannon --cannon-order 2 --cannon-regions 1
     """
-    from ..baselines.registry import CannonSettings
     from ..baselines.runner import run_baseline
     from ..baselines.runner import show_batch_results as batch_table
-    from ..config import load_config, save_config
+    from ..config import load_config, parse_settings, save_config
     from ..dataset import load_dataset
     from ..elements import STELLAR_PARAMETERS, resolve_labels
 
@@ -133,15 +132,9 @@ def baseline_cmd(
         },
     )
     b = cfg["baseline"]
-    half_width = float(b["cannon_censor_half_width"])
-    cannon = CannonSettings(
-        order=b["cannon_order"],
-        regions=b["cannon_regions"],
-        overlap=b["cannon_overlap"],
-        censor_half_width=half_width if half_width >= 0 else None,
-        prior=b["cannon_prior"],
-        continuum_pixels=b["cannon_continuum_pixels"],
-    )
+    cannon = parse_settings(cfg).cannon_settings()
+    ws = ws.with_paths(cfg["paths"])
+    results_root = ws.results()
     ds = load_dataset(data_path)
     if not ((ds.split == 0).any() and (ds.split == 1).any() and (ds.split == 2).any()):
         raise SpecabundError(
@@ -152,7 +145,7 @@ def baseline_cmd(
     labels = resolve_labels(
         elements or None, ds.elements if elements else available, what=f"{data_path.name}"
     )
-    lock_output(ctx, ws.results("baseline"))  # comparison.csv is shared by every baseline run
+    lock_output(ctx, ws.result_dir("baseline"))  # comparison.csv is shared by every baseline run
     if b["n_threads"]:
         b["n_threads"] = bounded_workers(b["n_threads"], "--n-threads")
     snr_bins = tuple(cfg["evaluation"]["snr_bins"])
@@ -176,8 +169,8 @@ def baseline_cmd(
                 f"{lab} {model:>9}: batches {r['batches_done']}/{r['n_batches']}  test RMSE {t['rmse']:.4g}  "
                 f"robust scatter {t['robust_scatter']:.4g}  bias {t['bias']:+.3g}  R2 {t['r2']:.3f}"
             )
-    save_config(cfg, ws.results("baseline") / "resolved_config.toml")
-    click.echo(f"comparison: {results_root / 'baseline' / 'comparison.csv'}")
+    save_config(cfg, ws.result_dir("baseline") / "resolved_config.toml")
+    click.echo(f"comparison: {ws.result_dir('baseline') / 'comparison.csv'}")
     from ..baselines.comparison import labels_only_verdicts, read_comparison
 
     for _, v in labels_only_verdicts(read_comparison(results_root)).iterrows():

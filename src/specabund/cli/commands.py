@@ -170,10 +170,8 @@ def preprocess_cmd(
       specabund preprocess --reference-csv X_FE.csv --prediction-csv galah_X_FE.csv --n-workers 2
       specabund preprocess --reference-csv lasp_labels.csv --fits-dir fits --elements TEFF LOGG FE_H
     """
-    from ..catalog import CatalogRules
-    from ..config import load_config, save_config
-    from ..preprocess import PipelineSettings, run_preprocess
-    from ..preprocess.pipeline import split_options
+    from ..config import load_config
+    from ..workflows import preprocess_run
 
     ws = ctx.obj["ws"]
     log_file = setup_logging(ws, "preprocess", ctx.obj["verbose"])
@@ -192,34 +190,20 @@ def preprocess_cmd(
             "data.flag_policy": flag_policy,
         },
     )
-    opts, pipe = split_options(cfg["preprocess"])
-    settings = PipelineSettings(
-        chunk_size=pipe["chunk_size"],
-        n_workers=bounded_workers(pipe["n_workers"]),
-        batch_size=pipe["batch_size"],
-        normalize=pipe["normalize"],
-        n_plot_examples=pipe["n_plot_examples"],
-        use_cache=not no_cache,
-        clear_cache=clear_cache,
-        seed=cfg["data"]["seed"],
-        split_fractions=tuple(cfg["data"]["split_fractions"]),
-        elements=list(cfg["data"]["elements"]) or None,
-        include_stellar_parameters=cfg["data"]["include_stellar_parameters"],
-        catalog_rules=CatalogRules.from_config(cfg["data"]),
-        progress=True,
-    )
-    fdir = ws.resolve(fits_dir or cfg["paths"]["fits_dir"])
-    odir = lock_output(ctx, ws.resolve(output_dir or cfg["paths"]["processed_dir"]))
-    manifest = run_preprocess(
-        fits_dir=fdir,
-        output_dir=odir,
+    odir, manifest = preprocess_run(
+        ws,
+        cfg,
         reference_csv=reference_csv,
         prediction_csv=prediction_csv,
-        options=opts,
-        settings=settings,
-        plots_dir=ws.root / "plots" if plots else None,
+        fits_dir=fits_dir,
+        output_dir=output_dir,
+        n_workers=bounded_workers(cfg["preprocess"]["n_workers"]),
+        use_cache=not no_cache,
+        clear_cache=clear_cache,
+        plots=plots,
+        progress=True,
+        command="specabund preprocess",
     )
-    save_config(cfg, odir / "resolved_config.toml")
     click.echo(f"preprocessed into {odir} (labels: {', '.join(manifest['labels']) or 'none'})")
     for name, c in manifest["counts"].items():
         click.echo(f"  {name}: {c}")

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from . import bounded_workers, lock_output, main, setup_logging
+from . import bounded_workers, main, setup_logging
 from .options import config_option, elements_option
 
 main.commands.pop("predict", None)
@@ -83,23 +83,9 @@ def predict_cmd(
       specabund predict --files 'fits/**/*.fits.gz' --catalog galah_X_FE.csv --ensemble-mode
       specabund predict --calibrate --data-path processed_data/val_dataset.npz --model RUN
     """
-    from ..config import dumps, load_config, save_config
-    from ..dataset import load_dataset
-    from ..plotting import save_figure
-    from ..predict import (
-        PredictionInputs,
-        collect_files,
-        read_prediction_catalog,
-        resolve_preprocess,
-        run_prediction,
-    )
-    from ..predict import (
-        calibrate as calibrate_fn,
-    )
-    from ..predict.plots import z_histogram_figure
-    from ..runs import resolve_run
-    from ..training import load_model, resolve_device
-    from ..utils import atomic_write_json, ensure_dir
+    from ..config import load_config
+    from ..training import resolve_device
+    from ..workflows import calibrate_run, predict_run
 
     ws = ctx.obj["ws"]
     log_file = setup_logging(ws, "predict", ctx.obj["verbose"])
@@ -110,49 +96,33 @@ def predict_cmd(
     if calibrate and (fits_dir is not None or files is not None):
         raise click.UsageError("--calibrate needs --data-path (the validation dataset)")
     n_workers = bounded_workers(n_workers)
-    processed = ws.resolve(cfg["paths"]["processed_dir"])
-    run_dir = resolve_run(ws.resolve(cfg["paths"]["models_dir"]), model_name)
-    dev = resolve_device(device)
-    predictor = load_model(run_dir, dev)
-    out = ensure_dir(ws.resolve(output_dir) if output_dir is not None else ws.results("predictions"))
-    lock_output(ctx, out)
-    labels = list(elements) or None
-    settings: dict[str, Any] = {
-        "model": str(run_dir),
-        "device": str(dev),
-        "mc_samples": mc_samples,
-        "batch_size": batch_size,
-        "seed": seed,
-        "ensemble_mode": ensemble_mode,
-    }
+    dev = str(resolve_device(device))
+    common: dict[str, Any] = dict(
+        model=model_name,
+        output_dir=output_dir,
+        labels=list(elements) or None,
+        ensemble_mode=ensemble_mode,
+        mc_samples=mc_samples,
+        batch_size=batch_size,
+        seed=seed,
+        plots=not no_plots,
+        command="specabund predict",
+    )
 
     if calibrate:
-        lock_output(ctx, run_dir)  # the calibration is stored with the model
-        val_path = ws.resolve(data_path or processed / "val_dataset.npz")
-        tr = ws.resolve(train_data) if train_data else val_path.parent / "train_dataset.npz"
-        te = ws.resolve(test_data) if test_data else val_path.parent / "test_dataset.npz"
-        res = calibrate_fn(
-            predictor,
-            load_dataset(val_path),
-            train_dataset=load_dataset(tr) if tr.exists() else None,
-            test_dataset=load_dataset(te) if te.exists() else None,
-            labels=labels,
-            ensemble_mode=ensemble_mode,
-            n_samples=mc_samples,
-            batch_size=batch_size,
-            seed=seed,
+        res = calibrate_run(
+            ws,
+            cfg,
+            dev,
+            data_path=data_path,
+            train_data=train_data,
+            test_data=test_data,
             method=calibration_method,
+            **common,
         )
-        report = {**res.report, "val_data": str(val_path), "settings": settings}
-        report["train_data"] = str(tr) if tr.exists() else None
-        report["test_data"] = str(te) if te.exists() else None
-        atomic_write_json(out / "calibration_report.json", report)
-        if not no_plots and res.z_val is not None:
-            fig = z_histogram_figure(res.labels, res.z_val, res.scale, res.z_test)
-            save_figure(fig, out / "calibration_z_histograms.png")
-        save_config(cfg, out / "resolved_config.toml")
-        click.echo(f"calibrated {run_dir} ({report['mode']} mode) on {val_path}")
-        for lab, e in res.report["labels"].items():
+        report = res.summary
+        click.echo(f"calibrated {res.run_dir} ({report['mode']} mode) on {res.input}")
+        for lab, e in report["labels"].items():
             line = f"  {lab}: scale {e['scale']:.3f}; val 68% coverage {e['val_before']['coverage_68']:.3f}"
             line += f" -> {e['val_after']['coverage_68']:.3f}"
             if "test_after" in e:
@@ -161,44 +131,27 @@ def predict_cmd(
                     f" (95%: {e['test_before']['coverage_95']:.3f} -> {e['test_after']['coverage_95']:.3f})"
                 )
             click.echo(line)
-        click.echo(f"  report: {out / 'calibration_report.json'}; log: {log_file}")
+        click.echo(f"  report: {res.out_dir / 'calibration_report.json'}; log: {log_file}")
         return
 
-    if fits_dir is not None or files is not None:
-        paths, root = collect_files(ws.resolve(fits_dir) if fits_dir else None, files)
-        opts, normalize, source = resolve_preprocess(
-            predictor,
-            ws.resolve(preprocess_config) if preprocess_config else None,
-            [processed / "manifest.json"],
-        )
-        cat = read_prediction_catalog(ws.resolve(catalog)) if catalog else None
-        inputs = PredictionInputs.from_fits(
-            paths, opts, normalize=normalize, catalog=cat, fits_dir=root, n_workers=n_workers
-        )
-        settings.update(input=str(fits_dir or files), preprocess_options_from=source)
-    else:
-        path = ws.resolve(data_path or processed / "prediction_dataset.npz")
-        inputs = PredictionInputs.from_dataset(load_dataset(path))
-        settings.update(input=str(path))
-    summary = run_prediction(
-        predictor,
-        inputs,
-        out,
-        labels=labels,
-        ensemble_mode=ensemble_mode,
-        n_samples=mc_samples,
-        batch_size=batch_size,
-        seed=seed,
+    res = predict_run(
+        ws,
+        cfg,
+        dev,
+        data_path=data_path,
+        fits_dir=fits_dir,
+        files=files,
+        catalog=catalog,
         apply_calibration=not no_calibration,
-        batch_root=ws.results(),
+        preprocess_config=preprocess_config,
+        n_workers=n_workers,
         chunk_size=chunk_size,
-        plots=not no_plots,
-        extra={"settings": settings},
-        extra_files={"resolved_config.toml": "# resolved specabund configuration\n" + dumps(cfg)},
+        **common,
     )
+    summary = res.summary
     click.echo(
         f"predicted {summary['n_predicted']} of {summary['n_input']} spectra "
-        f"({', '.join(summary['labels'])}) -> {out / 'predictions.csv'}"
+        f"({', '.join(summary['labels'])}) -> {res.out_dir / 'predictions.csv'}"
     )
     click.echo(
         f"  flagged: {summary['n_flagged']} {summary['flag_counts']}; calibrated: {summary['calibrated']}"

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..config import load_config, save_config
-from ..errors import SpecabundError
-from . import lock_output, main, setup_logging
+from ..config import load_config
+from . import main, setup_logging
 from .options import config_option, elements_option
 
 logger = logging.getLogger(__name__)
@@ -101,17 +100,7 @@ def tune_cmd(
     import optuna
 
     from ..training import resolve_device
-    from ..tuning import (
-        SearchSpace,
-        TuneOptions,
-        model_config_from_sections,
-        open_study,
-        run_tuning,
-        train_config_from_sections,
-        write_report,
-    )
-    from ..tuning.storage import resolve_storage
-    from .train import choose_labels, load_training_data
+    from ..workflows import tune_run
 
     ws = ctx.obj["ws"]
     log_file = setup_logging(ws, "tune", ctx.obj["verbose"])
@@ -131,59 +120,23 @@ def tune_cmd(
             "tuning.pruner": pruner,
         },
     )
-    tcfg = dict(cfg["tuning"])
-    if tcfg.get("storage") and "://" not in str(tcfg["storage"]):
-        tcfg["storage"] = str(ws.resolve(tcfg["storage"]))
-    options = TuneOptions.from_config(tcfg, worker_id=worker_id)
-    out_dir = ws.results("hyperopt")
-    space = SearchSpace.from_config(cfg["tuning_space"], tcfg.get("group_ratios", (1, 2, 3)))
-    try:
-        _, desc = resolve_storage(options.storage, out_dir, options.study_name)
-    except optuna.exceptions.OptunaError as exc:
-        raise SpecabundError(f"tuning.storage: {exc}") from exc
-    if desc.startswith("sqlite:"):
-        # SQLite serves one process: a second tune into the same results is refused (journal and RDB
-        # storages are meant to be shared by several workers)
-        lock_output(ctx, out_dir)
-
-    if report_only:
-        study, desc = open_study(options, out_dir)
-        if not study.get_trials(deepcopy=False):
-            raise SpecabundError(
-                f"study {options.study_name!r} in {desc} has no trials; run `specabund tune` first"
-            )
-        summary = write_report(study, out_dir, space=space, storage=desc, seed=options.seed)
-    else:
-        # the same data split and label choice as `specabund train`
-        train_ds, val_ds, _ = load_training_data(ws.resolve(data_path))
-        requested = tuple(elements) or tuple(cfg["data"]["elements"])
-        labels = choose_labels(
-            requested, list(train_ds.elements), bool(cfg["data"]["include_stellar_parameters"])
-        )
-        device = str(resolve_device(cfg["training"]["device"]))
-        base_model = model_config_from_sections(cfg)
-        base_train = train_config_from_sections(cfg, device=device)
-        logger.info(
-            "tuning %s on %d training / %d validation spectra (%s), study %r in %s; log %s",
-            ",".join(labels),
-            len(train_ds),
-            len(val_ds),
-            device,
-            options.study_name,
-            desc,
-            log_file,
-        )
-        result = run_tuning(train_ds, val_ds, labels, space, base_model, base_train, options, out_dir)
-        summary = write_report(
-            result.study,
-            out_dir,
-            space=space,
-            model_name=base_model.name,
-            storage=result.storage,
-            seed=options.seed,
-        )
-        logger.info("this process finished trials %s; the study holds %d", result.ran, result.n_done)
-    save_config(cfg, out_dir / "resolved_config.toml")
+    given = ctx.get_parameter_source("data_path") not in (
+        click.core.ParameterSource.DEFAULT,
+        click.core.ParameterSource.DEFAULT_MAP,
+    )
+    device = None if report_only else str(resolve_device(cfg["training"]["device"]))
+    logger.info("tune log: %s", log_file)
+    outcome = tune_run(
+        ws,
+        cfg,
+        device,
+        data_path=data_path if given else None,
+        elements=elements,
+        worker_id=worker_id,
+        report_only=report_only,
+        command="specabund tune",
+    )
+    out_dir = outcome.out_dir
     click.echo((out_dir / "summary.txt").read_text(encoding="utf-8"), nl=False)
-    if summary.get("best"):
+    if outcome.summary.get("best"):
         click.echo(f"best: {out_dir / 'best_params.toml'}\nrobust: {out_dir / 'robust_params.toml'}")

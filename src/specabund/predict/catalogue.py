@@ -42,7 +42,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from ..plotting import save_figure
 from ..tracking import TRACKING_FILE, BatchTracker
 from ..training import plots as train_plots
 from ..utils import atomic_write, atomic_write_json, atomic_write_text, ensure_dir
+from ..workspace import batch_results_dir
 from .calibration import LEVELS, StoredCalibration, coverage, load_stored, mode_name, z_scores
 from .inputs import PredictionInputs
 from .ood import out_of_range
@@ -126,6 +128,145 @@ def _chunk_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+@dataclass
+class CatalogueResult:
+    """The catalogue of :func:`predict_catalogue` and what it was made with.
+
+    Attributes
+    ----------
+    table : DataFrame
+        The catalogue columns (module docstring), one row per input spectrum, in input order.
+    labels : list of str
+        The labels predicted.
+    calibration : StoredCalibration
+        The calibration and OOD reference used.
+    scale : numpy.ndarray
+        The uncertainty scale applied per label (ones when uncalibrated).
+    flag : numpy.ndarray
+        The ``flag`` column.
+    meta : dict
+        ``n_samples`` and ``n_members`` of the prediction.
+    predict_seconds : float
+        Time spent in the network.
+    """
+
+    table: pd.DataFrame
+    labels: list[str]
+    calibration: StoredCalibration
+    scale: np.ndarray
+    flag: np.ndarray
+    meta: dict[str, Any]
+    predict_seconds: float
+
+
+ChunkHook = Callable[[int, UncertainPrediction, np.ndarray, np.ndarray], None]
+
+
+def predict_catalogue(
+    predictor: Predictor,
+    inputs: PredictionInputs,
+    *,
+    labels: Sequence[str] | None = None,
+    ensemble_mode: bool = False,
+    n_samples: int = 50,
+    batch_size: int = 256,
+    seed: int = 0,
+    calibration: StoredCalibration | None = None,
+    apply_calibration: bool = True,
+    chunk_size: int = 10000,
+    on_chunk: ChunkHook | None = None,
+) -> CatalogueResult:
+    """The catalogue of every input spectrum, in memory (nothing is written).
+
+    Parameters are those of :func:`run_prediction`; ``on_chunk(k, prediction, rows, flag)`` is called after
+    chunk ``k`` (``rows``: the input rows of the chunk; ``flag``: the flags so far).
+    """
+    labs = validate_labels(predictor, labels)
+    if int(inputs.ok.sum()):
+        predictor.check_compatible(inputs.as_dataset())
+    stored = calibration if calibration is not None else load_stored(predictor, ensemble_mode)
+    scale = stored.scale_for(labs) if apply_calibration else np.ones(len(labs))
+    n = len(inputs)
+    ok_idx = np.flatnonzero(inputs.ok)
+    n_ok = len(ok_idx)
+    mean = np.full((n, len(labs)), np.nan)
+    err_m = np.full((n, len(labs)), np.nan)
+    err_d = np.full((n, len(labs)), np.nan)
+    dist = np.full(n, np.nan)
+    resid = np.full(n, np.nan)
+    flag = np.where(inputs.ok, 0, FLAG_FAILED).astype(np.int32)
+    reasons: list[list[str]] = [[] if s == "ok" else [str(s)] for s in inputs.status.tolist()]
+    lo = np.array([stored.label_min.get(lab, np.nan) for lab in labs])
+    hi = np.array([stored.label_max.get(lab, np.nan) for lab in labs])
+    pred_meta: dict[str, Any] = {"n_samples": 1, "n_members": 1}
+    t_pred = 0.0
+    for k, start in enumerate(range(0, n_ok, chunk_size), start=1):
+        sel_ok = np.arange(start, min(start + chunk_size, n_ok))
+        rows = ok_idx[sel_ok]
+        X, iv = inputs.X[sel_ok], inputs.ivar[sel_ok]
+        t1 = time.perf_counter()
+        raw = predict_with_uncertainty(
+            predictor,
+            X,
+            iv,
+            labels=labs,
+            n_samples=n_samples,
+            batch_size=batch_size,
+            seed=_chunk_seed(seed, k),
+            ensemble_mode=ensemble_mode,
+        )
+        t_pred += time.perf_counter() - t1
+        pred = raw.scaled(scale)
+        pred_meta = {"n_samples": pred.n_samples, "n_members": pred.n_members}
+        mean[rows], err_m[rows], err_d[rows] = pred.mean, pred.err_model, pred.err_data
+        bad = out_of_range(pred.mean, lo, hi)
+        for r_i, row in enumerate(rows):
+            if bad[r_i].any():
+                flag[row] |= FLAG_LABEL_RANGE
+                for j in np.flatnonzero(bad[r_i]):
+                    reasons[row].append(
+                        f"{labs[j]} {pred.mean[r_i, j]:.3g} outside training range [{lo[j]:.3g}, {hi[j]:.3g}]"
+                    )
+        if stored.ood is not None:
+            d, r, far, poor = stored.ood.flags(X, iv)
+            dist[rows], resid[rows] = d, r
+            for r_i, row in enumerate(rows):
+                if far[r_i]:
+                    flag[row] |= FLAG_SPECTRUM_FAR
+                    reasons[row].append(
+                        f"spectrum far from training set (mahalanobis {d[r_i]:.3g} > "
+                        f"{stored.ood.mahalanobis_threshold:.3g})"
+                    )
+                if poor[r_i]:
+                    flag[row] |= FLAG_SPECTRUM_RESIDUAL
+                    reasons[row].append(
+                        f"spectrum unlike training set (pca residual {r[r_i]:.3g} > "
+                        f"{stored.ood.residual_threshold:.3g})"
+                    )
+        if on_chunk is not None:
+            on_chunk(k, pred, rows, flag)
+
+    df = pd.DataFrame({"spec": inputs.spec, "obsid": inputs.obsid})
+    for j, lab in enumerate(labs):
+        df[lab] = mean[:, j]
+        df[f"{lab}_err"] = np.sqrt(err_m[:, j] ** 2 + err_d[:, j] ** 2)
+        df[f"{lab}_err_model"] = err_m[:, j]
+        df[f"{lab}_err_data"] = err_d[:, j]
+    df["flag"] = flag
+    df["flag_reason"] = ["; ".join(r) for r in reasons]
+    df["filename"] = inputs.filename
+    df["group"] = inputs.group
+    df["snr"] = inputs.snr
+    df["ood_mahalanobis"] = dist
+    df["ood_residual"] = resid
+    for lab in (lab for lab in labs if lab in inputs.reference):
+        df[f"{lab}_ref"] = inputs.reference[lab]
+    return CatalogueResult(
+        table=df, labels=labs, calibration=stored, scale=scale, flag=flag, meta=pred_meta,
+        predict_seconds=t_pred,
+    )  # fmt: skip
+
+
 def run_prediction(
     predictor: Predictor,
     inputs: PredictionInputs,
@@ -189,93 +330,39 @@ def run_prediction(
     t0 = time.perf_counter()
     labs = validate_labels(predictor, labels)
     out_dir = ensure_dir(out_dir)
-    if int(inputs.ok.sum()):
+    if int(inputs.ok.sum()):  # before any batch folder is made
         predictor.check_compatible(inputs.as_dataset())
-    stored = calibration if calibration is not None else load_stored(predictor, ensemble_mode)
-    scale = stored.scale_for(labs) if apply_calibration else np.ones(len(labs))
-    n = len(inputs)
-    ok_idx = np.flatnonzero(inputs.ok)
-    n_ok = len(ok_idx)
-    mean = np.full((n, len(labs)), np.nan)
-    err_m = np.full((n, len(labs)), np.nan)
-    err_d = np.full((n, len(labs)), np.nan)
-    dist = np.full(n, np.nan)
-    resid = np.full(n, np.nan)
-    flag = np.where(inputs.ok, 0, FLAG_FAILED).astype(np.int32)
-    reasons: list[list[str]] = [[] if s == "ok" else [str(s)] for s in inputs.status.tolist()]
-    lo = np.array([stored.label_min.get(lab, np.nan) for lab in labs])
-    hi = np.array([stored.label_max.get(lab, np.nan) for lab in labs])
     trackers = _trackers(batch_root, labs)
-    pred_meta: dict[str, Any] = {"n_samples": 1, "n_members": 1}
-    t_pred = 0.0
-    for k, start in enumerate(range(0, n_ok, chunk_size), start=1):
-        sel_ok = np.arange(start, min(start + chunk_size, n_ok))
-        rows = ok_idx[sel_ok]
-        X, iv = inputs.X[sel_ok], inputs.ivar[sel_ok]
-        t1 = time.perf_counter()
-        raw = predict_with_uncertainty(
-            predictor,
-            X,
-            iv,
-            labels=labs,
-            n_samples=n_samples,
-            batch_size=batch_size,
-            seed=_chunk_seed(seed, k),
-            ensemble_mode=ensemble_mode,
-        )
-        t_pred += time.perf_counter() - t1
-        pred = raw.scaled(scale)
-        pred_meta = {"n_samples": pred.n_samples, "n_members": pred.n_members}
-        mean[rows], err_m[rows], err_d[rows] = pred.mean, pred.err_model, pred.err_data
-        bad = out_of_range(pred.mean, lo, hi)
-        for r_i, row in enumerate(rows):
-            if bad[r_i].any():
-                flag[row] |= FLAG_LABEL_RANGE
-                for j in np.flatnonzero(bad[r_i]):
-                    reasons[row].append(
-                        f"{labs[j]} {pred.mean[r_i, j]:.3g} outside training range [{lo[j]:.3g}, {hi[j]:.3g}]"
-                    )
-        if stored.ood is not None:
-            d, r, far, poor = stored.ood.flags(X, iv)
-            dist[rows], resid[rows] = d, r
-            for r_i, row in enumerate(rows):
-                if far[r_i]:
-                    flag[row] |= FLAG_SPECTRUM_FAR
-                    reasons[row].append(
-                        f"spectrum far from training set (mahalanobis {d[r_i]:.3g} > "
-                        f"{stored.ood.mahalanobis_threshold:.3g})"
-                    )
-                if poor[r_i]:
-                    flag[row] |= FLAG_SPECTRUM_RESIDUAL
-                    reasons[row].append(
-                        f"spectrum unlike training set (pca residual {r[r_i]:.3g} > "
-                        f"{stored.ood.residual_threshold:.3g})"
-                    )
+
+    def on_chunk(k: int, pred: UncertainPrediction, rows: np.ndarray, flag: np.ndarray) -> None:
         if trackers:
             _track_batch(trackers, k, labs, pred, rows, inputs, flag, plots)
+
+    cat = predict_catalogue(
+        predictor,
+        inputs,
+        labels=labs,
+        ensemble_mode=ensemble_mode,
+        n_samples=n_samples,
+        batch_size=batch_size,
+        seed=seed,
+        calibration=calibration,
+        apply_calibration=apply_calibration,
+        chunk_size=chunk_size,
+        on_chunk=on_chunk,
+    )
     for tr in trackers.values():
         if tr.completed():
             if plots:
                 tr.finalize()
             else:  # the summary without the trend figure
                 atomic_write_text(tr.folder / f"{tr.name}_batch_summary.txt", tr.summary_text())
-
-    df = pd.DataFrame({"spec": inputs.spec, "obsid": inputs.obsid})
-    for j, lab in enumerate(labs):
-        df[lab] = mean[:, j]
-        df[f"{lab}_err"] = np.sqrt(err_m[:, j] ** 2 + err_d[:, j] ** 2)
-        df[f"{lab}_err_model"] = err_m[:, j]
-        df[f"{lab}_err_data"] = err_d[:, j]
-    df["flag"] = flag
-    df["flag_reason"] = ["; ".join(r) for r in reasons]
-    df["filename"] = inputs.filename
-    df["group"] = inputs.group
-    df["snr"] = inputs.snr
-    df["ood_mahalanobis"] = dist
-    df["ood_residual"] = resid
+    df, stored, scale, flag = cat.table, cat.calibration, cat.scale, cat.flag
+    pred_meta, t_pred, n, n_ok = cat.meta, cat.predict_seconds, len(inputs), int(inputs.ok.sum())
+    mean = df[labs].to_numpy(dtype=float)
+    err_m = df[[f"{lab}_err_model" for lab in labs]].to_numpy(dtype=float)
+    err_d = df[[f"{lab}_err_data" for lab in labs]].to_numpy(dtype=float)
     ref_labels = [lab for lab in labs if lab in inputs.reference]
-    for lab in ref_labels:
-        df[f"{lab}_ref"] = inputs.reference[lab]
     with _staging(out_dir) as stage:
         write_table(df, stage)
         summary: dict[str, Any] = {
@@ -399,7 +486,7 @@ def _trackers(batch_root: str | Path | None, labels: list[str]) -> dict[str, Bat
         return {}
     out = {}
     for lab in labels:
-        folder = Path(batch_root) / f"prediction_{lab}_batch_results"
+        folder = batch_results_dir(batch_root, "prediction", lab)
         # a new prediction run replaces the previous run's batch records
         if (folder / TRACKING_FILE).exists():
             (folder / TRACKING_FILE).unlink()

@@ -45,6 +45,7 @@ from ..config import dumps
 from ..errors import SpecabundError
 from ..plotting import save_figure
 from ..utils import atomic_write, atomic_write_json, atomic_write_text
+from ..workspace import result_folder
 from .space import SearchSpace, parse_param
 
 logger = logging.getLogger(__name__)
@@ -488,8 +489,8 @@ def tuning_summary(results_dir: str | Path) -> dict[str, Any]:
         When no tuning report exists there.
     """
     folder = Path(results_dir)
-    if not (folder / SUMMARY_JSON).exists() and (folder / "hyperopt" / SUMMARY_JSON).exists():
-        folder = folder / "hyperopt"
+    if not (folder / SUMMARY_JSON).exists() and (result_folder(folder, "tuning") / SUMMARY_JSON).exists():
+        folder = result_folder(folder, "tuning")
     path = folder / SUMMARY_JSON
     if not path.exists():
         raise SpecabundError(

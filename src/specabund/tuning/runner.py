@@ -34,6 +34,7 @@ Reproducibility
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -47,6 +48,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from ..config import TuningSection, parse_settings
 from ..dataset import Dataset
 from ..errors import ConfigError, DataMismatchError
 from ..models import ModelConfig, build_model
@@ -67,23 +69,9 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("tpe", "grid", "random")
 PRUNERS = ("median", "percentile", "hyperband", "none")
-#: Keys of ``[tuning]`` read by :meth:`TuneOptions.from_config`.
-CONFIG_KEYS = (
-    "n_trials",
-    "method",
-    "batch_size_hyperopt",
-    "batches_per_round",
-    "trials_per_round",
-    "epochs_per_trial",
-    "timeout",
-    "pruner",
-    "pruner_startup_trials",
-    "pruner_warmup_epochs",
-    "grid_points",
-    "storage",
-    "study_name",
-    "seed",
-)
+#: Keys of ``[tuning]`` read by :meth:`TuneOptions.from_config` (``group_ratios`` goes to the search space).
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(TuningSection) if f.name != "group_ratios")
+_DEFAULTS = TuningSection()
 
 EpochHook = Callable[[optuna.Trial, int, dict[str, Any]], None]
 
@@ -129,20 +117,20 @@ class TuneOptions:
         Keep each trial's ``model.safetensors`` (otherwise only its ``metrics.csv``/``config.json``).
     """
 
-    n_trials: int = 50
-    method: str = "tpe"
-    batch_size_hyperopt: int = 1000
-    batches_per_round: int = 2
-    trials_per_round: int = 10
-    epochs_per_trial: int = 20
+    n_trials: int = _DEFAULTS.n_trials
+    method: str = _DEFAULTS.method
+    batch_size_hyperopt: int = _DEFAULTS.batch_size_hyperopt
+    batches_per_round: int = _DEFAULTS.batches_per_round
+    trials_per_round: int = _DEFAULTS.trials_per_round
+    epochs_per_trial: int = _DEFAULTS.epochs_per_trial
     timeout: float | None = None
-    pruner: str = "median"
-    pruner_startup_trials: int = 5
-    pruner_warmup_epochs: int = 3
-    grid_points: int = 3
-    storage: str = ""
-    study_name: str = "specabund"
-    seed: int = 42
+    pruner: str = _DEFAULTS.pruner
+    pruner_startup_trials: int = _DEFAULTS.pruner_startup_trials
+    pruner_warmup_epochs: int = _DEFAULTS.pruner_warmup_epochs
+    grid_points: int = _DEFAULTS.grid_points
+    storage: str = _DEFAULTS.storage
+    study_name: str = _DEFAULTS.study_name
+    seed: int = _DEFAULTS.seed
     worker_id: int | None = None
     keep_weights: bool = False
 
@@ -175,8 +163,13 @@ class TuneOptions:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], **overrides: Any) -> TuneOptions:
-        """Options from a ``[tuning]`` table, with ``overrides`` (``None`` values ignored)."""
-        data = {k: section[k] for k in CONFIG_KEYS if k in section}
+        """Options from a ``[tuning]`` table, with ``overrides`` (``None`` values ignored).
+
+        The table is validated by the configuration schema (:class:`~specabund.config.TuningSection`):
+        an unknown key, a wrong type or a value out of range raises :class:`ConfigError` naming it.
+        """
+        checked = parse_settings({"tuning": dict(section)}).tuning
+        data = {k: v for k, v in dataclasses.asdict(checked).items() if k != "group_ratios"}
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+from ..config import parse_settings
 from ..errors import ConfigError
 from ..models import ModelConfig
 from ..training import AugmentConfig, TrainConfig
@@ -314,23 +315,23 @@ def _plain(value: Any) -> Any:
 def model_config_from_sections(cfg: Mapping[str, Any]) -> ModelConfig:
     """The :class:`ModelConfig` of a loaded configuration's ``[model]`` section.
 
-    Keys that are not ``ModelConfig`` fields raise :class:`ConfigError` (through ``from_dict``).
+    Built by the configuration schema (:meth:`specabund.config.Settings.model_config`), like
+    ``specabund train`` does: keys that are not ``ModelConfig`` fields raise :class:`ConfigError`.
     """
-    return ModelConfig.from_dict(dict(cfg.get("model", {})))
+    return parse_settings({"model": dict(cfg.get("model", {}))}).model_config()
 
 
 def train_config_from_sections(cfg: Mapping[str, Any], **overrides: Any) -> TrainConfig:
     """The :class:`TrainConfig` of a loaded configuration's ``[training]`` section.
 
-    Keys that are not ``TrainConfig`` fields (``ensemble``: the number of members, handled by the caller)
-    are left out; ``augment`` may be a sub-table of ``AugmentConfig`` fields. ``overrides`` replace fields.
+    Built by the configuration schema (:meth:`specabund.config.Settings.train_config`), like
+    ``specabund train`` does: an unknown key raises :class:`ConfigError` naming it; ``ensemble`` (the
+    number of members) is not a ``TrainConfig`` field and is left out; ``augment`` may be a sub-table of
+    ``AugmentConfig`` fields. ``overrides`` replace fields (``device``: the resolved device).
     """
-    known = {f.name for f in fields(TrainConfig)}
-    data = {k: v for k, v in dict(cfg.get("training", {})).items() if k in known}
-    data.update(overrides)
-    if isinstance(data.get("augment"), Mapping):
-        data["augment"] = AugmentConfig.from_dict({**AugmentConfig().to_dict(), **data["augment"]})
-    return TrainConfig.from_dict(data)
+    device = overrides.pop("device", None)
+    settings = parse_settings({"training": dict(cfg.get("training", {}))})
+    return settings.train_config(device, **overrides)
 
 
 def with_fields(train: TrainConfig, **changes: Any) -> TrainConfig:
