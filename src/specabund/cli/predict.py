@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..distributed import cluster_option, dask_client
 from . import bounded_workers, lock_output, main, setup_logging
 from .options import config_option, elements_option
 
@@ -45,6 +46,7 @@ _PATH = click.Path(path_type=Path)
     "--preprocess-config", type=_PATH, default=None, help="manifest.json of the model's training data."
 )
 @click.option("--n-workers", type=click.IntRange(min=1), default=1, show_default=True)
+@cluster_option("each part of --chunk-size spectra of --data-path")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=10000, show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the figures.")
 @config_option()
@@ -70,6 +72,7 @@ def predict_cmd(
     no_calibration: bool,
     preprocess_config: Path | None,
     n_workers: int,
+    cluster: str | None,
     chunk_size: int,
     no_plots: bool,
     config_file: str | None,
@@ -96,8 +99,10 @@ def predict_cmd(
     from ..predict import (
         calibrate as calibrate_fn,
     )
+    from ..predict.parts import predict_in_parts
     from ..predict.plots import z_histogram_figure
     from ..runs import resolve_run
+    from ..store import is_zarr, resolve_dataset_path
     from ..training import load_model, resolve_device
     from ..utils import atomic_write_json, ensure_dir
 
@@ -109,6 +114,8 @@ def predict_cmd(
         raise click.UsageError("give only one of --data-path, --fits-dir and --files")
     if calibrate and (fits_dir is not None or files is not None):
         raise click.UsageError("--calibrate needs --data-path (the validation dataset)")
+    if cluster and (calibrate or fits_dir is not None or files is not None):
+        raise click.UsageError("--cluster predicts a preprocessed --data-path (preprocess with --cluster)")
     n_workers = bounded_workers(n_workers)
     processed = ws.resolve(cfg["paths"]["processed_dir"])
     run_dir = resolve_run(ws.resolve(cfg["paths"]["models_dir"]), model_name)
@@ -177,7 +184,31 @@ def predict_cmd(
         )
         settings.update(input=str(fits_dir or files), preprocess_options_from=source)
     else:
-        path = ws.resolve(data_path or processed / "prediction_dataset.npz")
+        path = resolve_dataset_path(ws.resolve(data_path or processed / "prediction_dataset.npz"))
+        if cluster or is_zarr(path):  # survey scale: stream the store, write the catalogue in parts
+            with dask_client(cluster, n_workers) as client:
+                s = predict_in_parts(
+                    path,
+                    run_dir,
+                    out,
+                    part_rows=chunk_size,
+                    device=str(dev),
+                    labels=labels,
+                    ensemble_mode=ensemble_mode,
+                    n_samples=mc_samples,
+                    batch_size=batch_size,
+                    seed=seed,
+                    apply_calibration=not no_calibration,
+                    plots=not no_plots,
+                    client=client,
+                    extra={"settings": {**settings, "input": str(path), "cluster": cluster}},
+                )
+            click.echo(
+                f"predicted {s['n_predicted']} of {s['n_input']} spectra in {len(s['parts'])} parts "
+                f"-> {out / 'predictions.csv'}; flagged: {s['n_flagged']} {s['flag_counts']}"
+            )
+            click.echo(f"  log: {log_file}")
+            return
         inputs = PredictionInputs.from_dataset(load_dataset(path))
         settings.update(input=str(path))
     summary = run_prediction(
