@@ -203,3 +203,18 @@ def test_training_streams_from_a_zarr_store(zarr_out: Path, tmp_path: Path) -> N
     y = np.stack([tr.y[:, tr.elements.index(lab)] for lab in labels], 1)[keep]
     want = data_hash(np.asarray(tr.X)[keep], np.asarray(tr.ivar)[keep], y)
     assert want in json.dumps(cfg_json)
+
+
+def test_cli_train_and_test_accept_zarr_stores(zarr_out: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from specabund.cli import main
+
+    fast = ["--model-name", "rescnn_small", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    for data in ("reference_dataset.zarr", "train_dataset.zarr"):  # split column, or val beside it
+        args = ["--workdir", str(tmp_path), "train", "--data-path", str(zarr_out / data), *fast]
+        r = CliRunner().invoke(main, [*args, "--elements", "MG_FE", "--run-name", data[:5]])
+        assert r.exit_code == 0, r.output
+    args = ["--workdir", str(tmp_path), "test", "--model", "refer", "--data-path"]
+    r = CliRunner().invoke(main, [*args, str(zarr_out / "test_dataset.zarr"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output

@@ -44,7 +44,7 @@ ANALYSIS_TYPES = ("feature_importance", "residual_analysis", "both")
 @click.option("--model", "model_run", default=None, help="Model run under models/ (default: the newest).")
 @click.option(
     "--data-path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),  # an .npz file or a .zarr store (a folder)
     default=None,
     help="Dataset to analyse [processed_data/test_dataset.npz].",
 )

@@ -17,7 +17,9 @@ _PATH = click.Path(path_type=Path)
 
 
 @main.command("predict")
-@click.option("--data-path", type=_PATH, default=None, help="Preprocessed dataset (.npz) to predict.")
+@click.option(
+    "--data-path", type=_PATH, default=None, help="Preprocessed dataset (.npz, or a .zarr store) to predict."
+)
 @click.option("--fits-dir", type=click.Path(file_okay=False, path_type=Path), help="Raw FITS folder.")
 @click.option("--files", "files", default=None, help="Raw FITS files: a glob, or a text file listing paths.")
 @click.option("--catalog", type=_PATH, default=None, help="CSV naming the spectra (spec, rv, group, labels).")
@@ -135,9 +137,10 @@ def predict_cmd(
 
     if calibrate:
         lock_output(ctx, run_dir)  # the calibration is stored with the model
-        val_path = ws.resolve(data_path or processed / "val_dataset.npz")
-        tr = ws.resolve(train_data) if train_data else val_path.parent / "train_dataset.npz"
-        te = ws.resolve(test_data) if test_data else val_path.parent / "test_dataset.npz"
+        val_path = resolve_dataset_path(ws.resolve(data_path or processed / "val_dataset.npz"))
+        beside = val_path.parent
+        tr = ws.resolve(train_data) if train_data else resolve_dataset_path(beside / "train_dataset.npz")
+        te = ws.resolve(test_data) if test_data else resolve_dataset_path(beside / "test_dataset.npz")
         res = calibrate_fn(
             predictor,
             load_dataset(val_path),

@@ -26,18 +26,19 @@ def load_training_data(data_path: Path) -> tuple[Any, Any, Any | None]:
     """(train, val, test-or-None) from a reference dataset (split by its ``split`` column) or a train file
     with ``val_dataset.npz`` (and ``test_dataset.npz``) beside it."""
     from ..dataset import SPLIT_CODES, load_dataset
+    from ..store import resolve_dataset_path
 
     ds = load_dataset(data_path)
     if (ds.split == SPLIT_CODES["val"]).any() and (ds.split == SPLIT_CODES["train"]).any():
         test = ds.split_subset("test")
         return ds.split_subset("train"), ds.split_subset("val"), test if len(test) else None
-    val_path = data_path.with_name("val_dataset.npz")
+    val_path = resolve_dataset_path(data_path.with_name("val_dataset.npz"))  # or .zarr
     if not val_path.exists():
         raise SpecabundError(
             f"{data_path}: no validation rows in it and no val_dataset.npz beside it; pass the reference "
             "dataset written by 'specabund preprocess' or a train file with val_dataset.npz next to it"
         )
-    test_path = data_path.with_name("test_dataset.npz")
+    test_path = resolve_dataset_path(data_path.with_name("test_dataset.npz"))
     return ds, load_dataset(val_path), load_dataset(test_path) if test_path.exists() else None
 
 
@@ -272,7 +273,7 @@ def _train(
 _train_options = [
     click.option(
         "--data-path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path),  # an .npz file or a .zarr store (a folder)
         callback=resolve_in_workdir,
         default=Path("processed_data/reference_dataset.npz"),
         show_default=True,
@@ -510,7 +511,7 @@ def _information_limit(truth: Path, ds: Any, out: Path, labels: list[str], snr_b
 _test_options = [
     click.option(
         "--data-path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path),  # an .npz file or a .zarr store (a folder)
         callback=resolve_in_workdir,
         default=Path("processed_data/test_dataset.npz"),
         show_default=True,
