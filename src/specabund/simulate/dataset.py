@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from specabund.utils import atomic_write_text, hash_json, to_jsonable
+from specabund.utils import atomic_write_text, hash_json, process_map, to_jsonable
 
 from .labels import ABUNDANCE_ELEMENTS, draw_labels
 from .synth import simulate_spectrum
@@ -213,11 +212,9 @@ def simulate_dataset(
     ]
     if client is not None:
         rows = _run_on_cluster(client, tasks, out / ".simulate-chunks", chunk_size)
-    elif n_workers > 1:
-        with ProcessPoolExecutor(max_workers=n_workers) as pool:
-            rows = list(pool.map(_run_task, tasks, chunksize=max(1, n // (8 * n_workers))))
     else:
-        rows = [_run_task(t) for t in tasks]
+        with process_map(n_workers, batch_size=max(1, n // (8 * max(n_workers, 1)))) as pmap:
+            rows = list(pmap(_run_task, tasks))
 
     files = pd.DataFrame(rows).sort_values("index").reset_index(drop=True)
     star = star_of_file

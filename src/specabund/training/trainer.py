@@ -534,6 +534,21 @@ def train(
     if parent is not None:
         hashes["init_from_weights"] = parent["weights_sha256"]
     fingerprint = _fingerprint(model_config, cfg, labels, hashes)
+    swap = None
+    if cfg.augment.enabled and cfg.augment.swap_prob > 0:
+        from .swap import AbundanceSwap
+
+        keep = np.isfinite(select_labels(dataset_train.y, dataset_train.elements, labels)).any(axis=1)
+        swap = AbundanceSwap.build(
+            cfg.augment.swap_prob,
+            labels,
+            yt,
+            dataset_train.wavelength,
+            dataset_train.teff[keep],
+            dataset_train.logg[keep],
+            dataset_train.fe_h[keep],
+            scaler.std,
+        )
 
     ckpt_path = run_dir / CHECKPOINT_FILE
     state: dict[str, Any] | None = None
@@ -570,6 +585,7 @@ def train(
             name=name,
             extra_config=dict(extra_config or {}),
             parent=parent,
+            swap=swap,
         )
 
 
@@ -660,6 +676,7 @@ def _train_loop(
     extra_config: dict[str, Any],
     parent: dict[str, Any] | None = None,
     errors: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+    swap: Any = None,
 ) -> TrainResult:
     # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
     # initialisation and dropout reproducible from the config seed.
@@ -695,6 +712,8 @@ def _train_loop(
     augmenter = Augmenter(cfg.augment, wavelength)
     train_t = _to_tensors(*train_np, scaler, dev, errors[0])
     val_t = _to_tensors(*val_np, scaler, dev, errors[1])
+    if swap is not None:
+        swap = swap.to(dev)
 
     history: list[dict[str, Any]] = []
     best_val = math.inf
@@ -752,6 +771,8 @@ def _train_loop(
                 idx_d = idx.to(dev)
                 xb, vb = augmenter(train_t.X[idx_d], train_t.ivar[idx_d], aug_gen)
                 yb = train_t.y[idx_d]
+                if swap is not None:
+                    xb, vb, yb = swap(xb, vb, yb, idx, train_t.y, aug_gen)
                 eb = train_t.label_var[idx_d] if train_t.label_var is not None else None
                 with _autocast(cfg, dev):
                     mu, lv = model(prepare_input(xb, vb, in_ch))
