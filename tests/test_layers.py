@@ -32,6 +32,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "io",
             "catalog",
             "workspace",
+            "store",
+            "distributed",
         ),
     ),
     ("dataset", ("dataset",)),

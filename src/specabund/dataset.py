@@ -1,6 +1,8 @@
-"""The preprocessed dataset format (``*_dataset.npz``) shared by every stage.
+"""The preprocessed dataset format (``*_dataset.npz`` or ``*_dataset.zarr``) shared by every stage.
 
-An ``.npz`` written by :func:`save_dataset` loads with plain ``numpy.load`` (no pickle) and holds:
+An ``.npz`` written by :func:`save_dataset` loads with plain ``numpy.load`` (no pickle); a ``.zarr`` store
+(:mod:`specabund.store`) holds the same arrays chunked and compressed, and loads with ``X``/``ivar`` left
+on disk (:class:`~specabund.store.LazyRows`). Both hold:
 
 ``X`` (N, P) float32
     continuum-normalised flux on the common grid.
@@ -37,6 +39,14 @@ from typing import Any
 import numpy as np
 
 from .errors import DataMismatchError, SpecabundError
+from .store import (
+    LazyRows,
+    is_zarr,
+    open_zarr_dataset,
+    remove_other_format,
+    resolve_dataset_path,
+    write_store,
+)
 from .utils import atomic_savez
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "none": -1}
@@ -107,6 +117,8 @@ class Dataset:
                 kw[f.name] = v
             elif f.name == "extra":
                 kw[f.name] = {k: a[index] for k, a in v.items()}
+            elif isinstance(v, LazyRows):  # stays on disk
+                kw[f.name] = v.subset(index)
             else:
                 kw[f.name] = v[index]
         return Dataset(**kw)
@@ -135,11 +147,38 @@ class Dataset:
         return cls(**kw)
 
 
-def save_dataset(path: str | Path, ds: Dataset) -> None:
-    """Write ``ds`` atomically as an uncompressed npz (strings as fixed-width unicode, no pickle)."""
+def save_dataset(path: str | Path, ds: Dataset, chunk_rows: int = 1000) -> None:
+    """Write ``ds`` atomically as an uncompressed npz (strings as fixed-width unicode, no pickle), or as a
+    Zarr store when ``path`` ends in ``.zarr`` (``chunk_rows`` spectra per chunk)."""
+    if Path(path).suffix == ".zarr":
+        X, ivar = ds.X, ds.ivar
+
+        def blocks(key: str) -> Any:
+            a = X if key == "X" else ivar
+            for s in range(0, len(ds), chunk_rows):
+                yield np.asarray(a[s : s + chunk_rows], dtype=np.float32)
+
+        write_store(
+            path,
+            n_rows=len(ds),
+            n_pixels=ds.n_pixels,
+            blocks=blocks,
+            arrays=_columns_of(ds),
+            chunk_rows=chunk_rows,
+        )
+        return
     arrays: dict[str, Any] = {
         "X": ds.X.astype(np.float32, copy=False),
         "ivar": ds.ivar.astype(np.float32, copy=False),
+        **_columns_of(ds),
+    }
+    atomic_savez(path, **arrays)
+    remove_other_format(Path(path))
+
+
+def _columns_of(ds: Dataset) -> dict[str, Any]:
+    """Every array of the format except ``X`` and ``ivar``."""
+    arrays: dict[str, Any] = {
         "wavelength": ds.wavelength.astype(np.float64, copy=False),
         "y": ds.y.astype(np.float32, copy=False),
         "y_err": np.asarray(ds.y_err, dtype=np.float32),
@@ -157,25 +196,31 @@ def save_dataset(path: str | Path, ds: Dataset) -> None:
     }
     for k, v in ds.extra.items():
         arrays[f"extra_{k}"] = v
-    atomic_savez(path, **arrays)
+    return arrays
 
 
 def load_dataset(path: str | Path) -> Dataset:
-    """Read a dataset written by :func:`save_dataset` (``allow_pickle=False``).
+    """Read a dataset written by :func:`save_dataset` (``allow_pickle=False``) or a Zarr store.
+
+    A ``.npz`` path that does not exist is read from its ``.zarr`` sibling when that exists (and the other
+    way round). A Zarr store's ``X`` and ``ivar`` stay on disk (:class:`~specabund.store.LazyRows`).
 
     Raises
     ------
     SpecabundError
         When the file is missing or lacks a required array (the message names the file).
     """
-    path = Path(path)
+    path = resolve_dataset_path(path)
     if not path.exists():
         raise SpecabundError(f"{path}: dataset file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as exc:  # zip/format errors
-        raise SpecabundError(f"{path}: not a readable dataset npz ({exc})") from exc
+    if is_zarr(path):
+        data = open_zarr_dataset(path)
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as exc:  # zip/format errors
+            raise SpecabundError(f"{path}: not a readable dataset npz ({exc})") from exc
     required = ["X", "wavelength", "y", "elements", "filenames"]
     missing = [k for k in required if k not in data]
     if missing:
@@ -187,7 +232,7 @@ def load_dataset(path: str | Path) -> Dataset:
     empty = np.full(n, "", dtype="<U1")
     return Dataset(
         X=data["X"],
-        ivar=data.get("ivar", np.ones_like(data["X"])),
+        ivar=data["ivar"] if "ivar" in data else np.ones(data["X"].shape, dtype=np.float32),
         wavelength=data["wavelength"],
         y=y,
         elements=[str(e) for e in data["elements"].tolist()],

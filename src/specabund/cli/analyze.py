@@ -44,7 +44,7 @@ for _name in ("analyze", "show-results", "report"):
 @click.option("--model", "model_run", default=None, help="Model run under models/ (default: the newest).")
 @click.option(
     "--data-path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),  # an .npz file or a .zarr store (a folder)
     default=None,
     help="Dataset to analyse [processed_data/test_dataset.npz].",
 )

@@ -35,7 +35,7 @@ main.commands.pop("baseline", None)
 )
 @click.option(
     "--data-path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),  # an .npz file or a .zarr store (a folder)
     default=Path("processed_data/reference_dataset.npz"),
     show_default=True,
     callback=resolve_in_workdir,

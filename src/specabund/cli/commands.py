@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..distributed import cluster_option, dask_client
 from . import bounded_workers, lock_output, main, setup_logging
 from .options import config_option, elements_option, resolve_in_workdir
 
@@ -43,6 +44,7 @@ log = logging.getLogger("specabund.cli")
 )
 @click.option("--prediction-fraction", type=click.FloatRange(0, 0.9), default=0.2, show_default=True)
 @click.option("--n-workers", type=click.IntRange(min=1), default=1, show_default=True)
+@cluster_option("each chunk of 500 files")
 @click.pass_context
 def simulate_cmd(
     ctx: click.Context,
@@ -55,6 +57,7 @@ def simulate_cmd(
     permuted: bool,
     prediction_fraction: float,
     n_workers: int,
+    cluster: str | None,
 ) -> None:
     """Write simulated LAMOST spectra (FITS) with X_FE.csv, galah_X_FE.csv and truth.csv.
 
@@ -69,17 +72,19 @@ def simulate_cmd(
     ws = ctx.obj["ws"]
     setup_logging(ws, "simulate", ctx.obj["verbose"])
     out = lock_output(ctx, ws.resolve(output_dir))
-    summary = simulate_dataset(
-        n,
-        out,
-        seed,
-        layout=layout,
-        gzip=gzip,
-        independent=independent,
-        permuted=permuted,
-        prediction_fraction=prediction_fraction,
-        n_workers=bounded_workers(n_workers),
-    )
+    with dask_client(cluster, bounded_workers(n_workers)) as client:
+        summary = simulate_dataset(
+            n,
+            out,
+            seed,
+            layout=layout,
+            gzip=gzip,
+            independent=independent,
+            permuted=permuted,
+            prediction_fraction=prediction_fraction,
+            n_workers=bounded_workers(n_workers),
+            client=client,
+        )
     click.echo(f"wrote {n} simulated spectra to {out / 'fits'}")
     for k, v in summary.items():
         if not isinstance(v, (dict, list)):
@@ -118,6 +123,16 @@ def simulate_cmd(
     "--chunk-size", type=click.IntRange(min=1), default=None, help="Spectra per checkpointed chunk."
 )
 @click.option("--n-workers", type=click.IntRange(min=1), default=None, help="Parallel worker processes.")
+@cluster_option("each chunk of --chunk-size spectra")
+@click.option(
+    "--format",
+    "dataset_format",
+    type=click.Choice(["auto", "npz", "zarr"]),
+    default="auto",
+    show_default=True,
+    help="Dataset format: npz (one file, loaded whole), zarr (<set>_dataset.zarr: chunked, compressed, "
+    "read lazily, for survey-size sets) or auto (zarr when flux+ivar of a set exceed 1 GB).",
+)
 @click.option("--no-cache", is_flag=True, help="Neither read nor leave a cache (fresh run).")
 @click.option("--clear-cache", is_flag=True, help="Delete the preprocessing cache before running.")
 @click.option("--denoise/--no-denoise", default=None, help="Edge-preserving denoising [off].")
@@ -151,6 +166,8 @@ def preprocess_cmd(
     batch_size: int | None,
     chunk_size: int | None,
     n_workers: int | None,
+    cluster: str | None,
+    dataset_format: str,
     no_cache: bool,
     clear_cache: bool,
     denoise: bool | None,
@@ -190,20 +207,24 @@ def preprocess_cmd(
             "data.flag_policy": flag_policy,
         },
     )
-    odir, manifest = preprocess_run(
-        ws,
-        cfg,
-        reference_csv=reference_csv,
-        prediction_csv=prediction_csv,
-        fits_dir=fits_dir,
-        output_dir=output_dir,
-        n_workers=bounded_workers(cfg["preprocess"]["n_workers"]),
-        use_cache=not no_cache,
-        clear_cache=clear_cache,
-        plots=plots,
-        progress=True,
-        command="specabund preprocess",
-    )
+    n_proc = bounded_workers(cfg["preprocess"]["n_workers"])
+    with dask_client(cluster, n_proc) as client:
+        odir, manifest = preprocess_run(
+            ws,
+            cfg,
+            reference_csv=reference_csv,
+            prediction_csv=prediction_csv,
+            fits_dir=fits_dir,
+            output_dir=output_dir,
+            n_workers=n_proc,
+            use_cache=not no_cache,
+            clear_cache=clear_cache,
+            plots=plots,
+            progress=True,
+            command="specabund preprocess",
+            dataset_format=dataset_format,
+            client=client,
+        )
     click.echo(f"preprocessed into {odir} (labels: {', '.join(manifest['labels']) or 'none'})")
     for name, c in manifest["counts"].items():
         click.echo(f"  {name}: {c}")

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..distributed import cluster_option, dask_client
 from . import bounded_workers, main, setup_logging
 from .options import config_option, elements_option
 
@@ -16,7 +17,9 @@ _PATH = click.Path(path_type=Path)
 
 
 @main.command("predict")
-@click.option("--data-path", type=_PATH, default=None, help="Preprocessed dataset (.npz) to predict.")
+@click.option(
+    "--data-path", type=_PATH, default=None, help="Preprocessed dataset (.npz, or a .zarr store) to predict."
+)
 @click.option("--fits-dir", type=click.Path(file_okay=False, path_type=Path), help="Raw FITS folder.")
 @click.option("--files", "files", default=None, help="Raw FITS files: a glob, or a text file listing paths.")
 @click.option("--catalog", type=_PATH, default=None, help="CSV naming the spectra (spec, rv, group, labels).")
@@ -45,6 +48,7 @@ _PATH = click.Path(path_type=Path)
     "--preprocess-config", type=_PATH, default=None, help="manifest.json of the model's training data."
 )
 @click.option("--n-workers", type=click.IntRange(min=1), default=1, show_default=True)
+@cluster_option("each part of --chunk-size spectra of --data-path")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=10000, show_default=True)
 @click.option("--no-plots", is_flag=True, help="Skip the figures.")
 @config_option()
@@ -70,6 +74,7 @@ def predict_cmd(
     no_calibration: bool,
     preprocess_config: Path | None,
     n_workers: int,
+    cluster: str | None,
     chunk_size: int,
     no_plots: bool,
     config_file: str | None,
@@ -95,6 +100,8 @@ def predict_cmd(
         raise click.UsageError("give only one of --data-path, --fits-dir and --files")
     if calibrate and (fits_dir is not None or files is not None):
         raise click.UsageError("--calibrate needs --data-path (the validation dataset)")
+    if cluster and (calibrate or fits_dir is not None or files is not None):
+        raise click.UsageError("--cluster predicts a preprocessed --data-path (preprocess with --cluster)")
     n_workers = bounded_workers(n_workers)
     dev = str(resolve_device(device))
     common: dict[str, Any] = dict(
@@ -134,21 +141,31 @@ def predict_cmd(
         click.echo(f"  report: {res.out_dir / 'calibration_report.json'}; log: {log_file}")
         return
 
-    res = predict_run(
-        ws,
-        cfg,
-        dev,
-        data_path=data_path,
-        fits_dir=fits_dir,
-        files=files,
-        catalog=catalog,
-        apply_calibration=not no_calibration,
-        preprocess_config=preprocess_config,
-        n_workers=n_workers,
-        chunk_size=chunk_size,
-        **common,
-    )
+    with dask_client(cluster, n_workers) as client:
+        res = predict_run(
+            ws,
+            cfg,
+            dev,
+            data_path=data_path,
+            fits_dir=fits_dir,
+            files=files,
+            catalog=catalog,
+            apply_calibration=not no_calibration,
+            preprocess_config=preprocess_config,
+            n_workers=n_workers,
+            chunk_size=chunk_size,
+            client=client,
+            **common,
+        )
     summary = res.summary
+    if "parts" in summary:  # a .zarr store or --cluster: the catalogue was written in parts
+        click.echo(
+            f"predicted {summary['n_predicted']} of {summary['n_input']} spectra in {len(summary['parts'])} "
+            f"parts -> {res.out_dir / 'predictions.csv'}; flagged: {summary['n_flagged']} "
+            f"{summary['flag_counts']}"
+        )
+        click.echo(f"  log: {log_file}")
+        return
     click.echo(
         f"predicted {summary['n_predicted']} of {summary['n_input']} spectra "
         f"({', '.join(summary['labels'])}) -> {res.out_dir / 'predictions.csv'}"

@@ -91,7 +91,7 @@ def _command(ctx: click.Context) -> str:
 _train_options = [
     click.option(
         "--data-path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path),  # an .npz file or a .zarr store (a folder)
         callback=resolve_in_workdir,
         default=Path("processed_data/reference_dataset.npz"),
         show_default=True,
@@ -248,7 +248,7 @@ def _test(
 _test_options = [
     click.option(
         "--data-path",
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path),  # an .npz file or a .zarr store (a folder)
         callback=resolve_in_workdir,
         default=Path("processed_data/test_dataset.npz"),
         show_default=True,

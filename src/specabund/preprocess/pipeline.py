@@ -26,7 +26,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from ..catalog import (
 from ..dataset import SPLIT_CODES
 from ..errors import CatalogError, FitsFormatError, SpecabundError
 from ..io import iter_fits_files, read_lamost
+from ..store import choose_format, suffix, write_store
 from ..utils import (
     MapFn,
     NpzWriter,
@@ -88,6 +89,8 @@ class PipelineSettings:
     n_plot_examples: int = 4
     progress: bool = False
     max_chunks: int | None = None  # stop after processing this many new chunks (testing interruptions)
+    #: dataset format: 'npz', 'zarr' (chunked, compressed, read lazily) or 'auto' (zarr for large sets)
+    format: str = "auto"
 
 
 @dataclass
@@ -201,6 +204,18 @@ def process_file(
 
 def _process_task(args: tuple[Path, float | None, PreprocessOptions, bool, float]) -> dict[str, Any]:
     return process_file(*args)
+
+
+def process_chunk(
+    args: list[tuple[Path, float | None, PreprocessOptions, bool, float]], path: str, n_pixels: int
+) -> str:
+    """One Dask task: preprocess the files of a chunk and write the chunk's cache file ``path``.
+
+    A chunk whose file exists (a task rerun after its worker died once the file was written) is kept.
+    """
+    if not Path(path).exists():
+        _write_chunk(Path(path), [process_file(*a) for a in args], n_pixels)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,6 +361,8 @@ def run_preprocess(
     settings: PipelineSettings | None = None,
     plots_dir: str | Path | None = None,
     map_fn: MapFn | None = None,
+    client: Any = None,
+    chunk_task: Callable[..., str] = process_chunk,
 ) -> dict[str, Any]:
     """Preprocess FITS files into ``*_dataset.npz`` files; return the manifest.
 
@@ -366,6 +383,11 @@ def run_preprocess(
     map_fn : callable, optional
         ``map``-like function used to process the files of a chunk (e.g. a pool's ``map``); by default
         the built-in ``map`` for one worker and joblib for several.
+    client : distributed.Client, optional
+        Run each unfinished chunk as one Dask task (:func:`process_chunk`) that writes its cache file
+        itself; the datasets are then assembled here from the cache as usual (same bytes as without).
+    chunk_task : callable
+        The task function (tests wrap it to kill a worker).
     """
     opts = options or PreprocessOptions()
     st = settings or PipelineSettings()
@@ -398,6 +420,8 @@ def run_preprocess(
 
     progress_path = output_dir / "progress" / "preprocess.json"
     try:
+        if client is not None:
+            _cluster_chunks(client, chunk_task, plans, opts, st, p_hash, cache_root, len(grid))
         chunk_files: dict[str, list[Path]] = {}
         new_chunks = 0
         total = sum(len(p.tasks) for p in plans)
@@ -411,6 +435,8 @@ def run_preprocess(
                 if path.exists():
                     log.debug("chunk %s %d: cached (%s)", plan.name, ci, path.name)
                 else:
+                    if client is not None:
+                        raise _Interrupted(f"chunk {plan.name} {ci} was not written by the cluster")
                     if st.max_chunks is not None and new_chunks >= st.max_chunks:
                         raise _Interrupted(f"stopped after {new_chunks} new chunks (max_chunks)")
                     lim = st.catalog_rules.max_abs_rv_kms
@@ -447,6 +473,42 @@ def run_preprocess(
         except Exception:  # plots must never lose a finished run
             log.exception("preprocessing plots failed")
     return manifest
+
+
+def _cluster_chunks(
+    client: Any,
+    chunk_task: Callable[..., str],
+    plans: list[_SetPlan],
+    opts: PreprocessOptions,
+    st: PipelineSettings,
+    p_hash: str,
+    cache_root: Path,
+    n_pixels: int,
+) -> None:
+    """Write every missing chunk file of ``plans`` with one Dask task per chunk."""
+    lim = st.catalog_rules.max_abs_rv_kms
+    todo: list[tuple[list[Any], str, int]] = []
+    cached = 0
+    for plan in plans:
+        for ci, chunk in enumerate(_chunks(plan.tasks, st.chunk_size)):
+            path = cache_root / f"{plan.name}_{ci:05d}_{_chunk_key(chunk, p_hash, lim)}.npz"
+            if path.exists():
+                cached += 1
+                continue
+            todo.append(([(t.path, t.rv_kms, opts, st.normalize, lim) for t in chunk], str(path), n_pixels))
+    if st.max_chunks is not None:
+        todo = todo[: st.max_chunks]
+    log.info("cluster: %d chunks to process, %d cached", len(todo), cached)
+    bar = _progress_bar(sum(len(a[0]) for a in todo), st.progress)
+
+    def done(i: int, path: str) -> None:
+        bar.update(len(todo[i][0]))
+        log.info("chunk %s: %d spectra processed on the cluster", Path(path).stem, len(todo[i][0]))
+
+    from ..distributed import run_tasks
+
+    run_tasks(client, chunk_task, todo, [f"preprocess-{Path(a[1]).stem}" for a in todo], done)
+    bar.close()
 
 
 def _files_with_rv(plans: list[_SetPlan]) -> Iterator[tuple[Path, float | None]]:
@@ -496,6 +558,7 @@ def _assemble(
     masking: dict[str, Any] = {}
     label_columns: dict[str, Any] = {}
     label_names: list[str] | None = None
+    formats: dict[str, str] = {}
     ref_plan = next((p for p in plans if p.name == "reference"), None)
     if ref_plan is not None:
         label_names = _label_names(ref_plan.catalog, st)
@@ -532,25 +595,42 @@ def _assemble(
             else np.full(len(idx), SPLIT_CODES["none"], dtype=np.int8)
         )
         cols = _columns(plan, meta, rows, y, y_err, groups, p_hash)
+        ext = suffix(choose_format(st.format, len(idx), len(grid)))
+        formats[plan.name] = ext[1:]
         if plan.name == "reference":
             _write_dataset(
-                output_dir / "reference_dataset.npz", chunk_files[plan.name], idx, split, cols, names, grid
+                output_dir / f"reference_dataset{ext}",
+                chunk_files[plan.name],
+                idx,
+                split,
+                cols,
+                names,
+                grid,
+                st.chunk_size,
             )
             for name, code in (("train", 0), ("val", 1), ("test", 2)):
                 sel = split == code
                 _write_dataset(
-                    output_dir / f"{name}_dataset.npz",
+                    output_dir / f"{name}_dataset{ext}",
                     chunk_files[plan.name],
                     idx[sel],
                     split[sel],
                     cols,
                     names,
                     grid,
+                    st.chunk_size,
                 )
                 counts[f"n_{name}"] = int(sel.sum())
         else:
             _write_dataset(
-                output_dir / "prediction_dataset.npz", chunk_files[plan.name], idx, split, cols, names, grid
+                output_dir / f"prediction_dataset{ext}",
+                chunk_files[plan.name],
+                idx,
+                split,
+                cols,
+                names,
+                grid,
+                st.chunk_size,
             )
         counts[plan.name] = {
             "catalogue_rows": len(table),
@@ -581,6 +661,7 @@ def _assemble(
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "label_masking": masking,
         "label_columns": label_columns,
+        "dataset_format": formats,
         "options": opts.to_dict(),
         "settings": {
             "chunk_size": st.chunk_size,
@@ -661,8 +742,10 @@ def _write_dataset(
     cols: dict[str, np.ndarray],
     names: list[str],
     grid: np.ndarray,
+    chunk_rows: int = 1000,
 ) -> None:
-    """Stream the selected rows of the chunk files into one npz (memory bounded by one chunk)."""
+    """Stream the selected rows of the chunk files into one npz or Zarr store (memory bounded by one
+    chunk; the format follows the suffix of ``path``)."""
     n = len(idx)
     bounds = []
     start = 0
@@ -679,14 +762,19 @@ def _write_dataset(
                 with np.load(f, allow_pickle=False) as z:
                     yield z[key][sel]
 
-    with atomic_write(path, "wb") as fh:
-        w = NpzWriter(fh)
-        w.add_chunks("X", (n, len(grid)), np.float32, rows_of("flux"))
-        w.add_chunks("ivar", (n, len(grid)), np.float32, rows_of("ivar"))
-        w.add_array("wavelength", grid.astype(np.float64))
-        w.add_array("elements", np.asarray(names, dtype=str))
-        w.add_array("split", split.astype(np.int8))
-        for key, arr in cols.items():
-            w.add_array(key, arr if arr.ndim == 0 else arr[idx])
-        w.close()
+    arrays: dict[str, Any] = {
+        "wavelength": grid.astype(np.float64),
+        "elements": np.asarray(names, dtype=str),
+        "split": split.astype(np.int8),
+    }
+    for key, arr in cols.items():
+        arrays[key] = arr if arr.ndim == 0 else arr[idx]
+    write_store(
+        path,
+        n_rows=n,
+        n_pixels=len(grid),
+        blocks=lambda key: rows_of("flux" if key == "X" else "ivar"),
+        arrays=arrays,
+        chunk_rows=chunk_rows,
+    )
     log.info("wrote %s (%d spectra)", path, n)

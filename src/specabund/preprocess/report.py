@@ -33,9 +33,16 @@ _SMALL_KEYS = (
 
 
 def _load_small(path: Path) -> dict[str, np.ndarray] | None:
-    """The per-spectrum arrays of a dataset, without X/ivar (npz members load lazily)."""
+    """The per-spectrum arrays of a dataset, without X/ivar (npz members load lazily; a Zarr store's
+    ``X``/``ivar`` stay on disk)."""
+    from ..store import is_zarr, open_zarr_dataset, resolve_dataset_path
+
+    path = resolve_dataset_path(path)
     if not path.exists():
         return None
+    if is_zarr(path):
+        data = open_zarr_dataset(path)
+        return {k: data[k] for k in _SMALL_KEYS if k in data}
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in _SMALL_KEYS if k in z.files}
 

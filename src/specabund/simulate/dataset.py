@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from specabund.utils import atomic_write_text, process_map
+from specabund.utils import atomic_write_text, hash_json, process_map, to_jsonable
 
 from .labels import ABUNDANCE_ELEMENTS, draw_labels
 from .synth import simulate_spectrum
@@ -71,6 +72,36 @@ def _run_task(task: _Task) -> dict[str, Any]:
     }
 
 
+def _run_chunk(tasks: list[_Task], marker: str) -> list[dict[str, Any]]:
+    """One Dask task: simulate and write the files of a chunk, then its marker (the rows, JSON)."""
+    done = Path(marker)
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    rows = [_run_task(t) for t in tasks]
+    atomic_write_text(done, json.dumps(to_jsonable(rows)))
+    return rows
+
+
+def _run_on_cluster(
+    client: Any, tasks: list[_Task], marker_dir: Path, chunk_size: int
+) -> list[dict[str, Any]]:
+    from specabund.distributed import run_tasks
+
+    marker_dir.mkdir(parents=True, exist_ok=True)
+    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), max(1, chunk_size))]
+    keys = [hash_json(repr(c))[:24] for c in chunks]
+    markers = [marker_dir / f"{k}.json" for k in keys]
+    todo = [i for i, m in enumerate(markers) if not m.exists()]
+    log.info("simulate: %d chunks, %d to run on the cluster", len(chunks), len(todo))
+    run_tasks(
+        client,
+        _run_chunk,
+        [(chunks[i], str(markers[i])) for i in todo],
+        [f"simulate-{keys[i]}" for i in todo],
+    )
+    return [r for m in markers for r in json.loads(m.read_text(encoding="utf-8"))]
+
+
 def simulate_dataset(
     n: int,
     output_dir: str | Path,
@@ -83,6 +114,8 @@ def simulate_dataset(
     prediction_fraction: float = 0.2,
     n_workers: int = 1,
     repeat_fraction: float = 0.05,
+    client: Any = None,
+    chunk_size: int = 500,
 ) -> dict[str, Any]:
     """Simulate ``n`` LAMOST spectra with known labels and write them like a real project input.
 
@@ -120,6 +153,9 @@ def simulate_dataset(
         Processes used to simulate and write.
     repeat_fraction : float
         Fraction of the files that are second observations of a star already in the set.
+    client : distributed.Client, optional
+        Simulate and write each chunk of ``chunk_size`` files as one Dask task (same files as without);
+        a finished chunk leaves ``output_dir/.simulate-chunks/<key>.json`` and is skipped by a rerun.
 
     Returns
     -------
@@ -174,8 +210,11 @@ def simulate_dataset(
         )
         for i in range(n)
     ]
-    with process_map(n_workers, batch_size=max(1, n // (8 * max(n_workers, 1)))) as pmap:
-        rows = list(pmap(_run_task, tasks))
+    if client is not None:
+        rows = _run_on_cluster(client, tasks, out / ".simulate-chunks", chunk_size)
+    else:
+        with process_map(n_workers, batch_size=max(1, n // (8 * max(n_workers, 1)))) as pmap:
+            rows = list(pmap(_run_task, tasks))
 
     files = pd.DataFrame(rows).sort_values("index").reset_index(drop=True)
     star = star_of_file

@@ -26,6 +26,7 @@ its own probability per spectrum and drawn from a ``torch.Generator``:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -224,3 +225,212 @@ def _shift(flux: torch.Tensor, ivar: torch.Tensor, shift: torch.Tensor) -> tuple
     out_v = torch.where(bad, torch.zeros_like(ivar), 1.0 / var)
     keep = (shift == 0)[:, None]
     return torch.where(keep, flux, out_f), torch.where(keep, ivar, out_v)
+
+
+# --------------------------------------------------------------------------------------------------
+# streaming from an on-disk store (specabund.store.LazyRows)
+
+#: Chunks whose rows are shuffled together (and kept decoded in memory) while streaming.
+STREAM_BUFFER_CHUNKS = 4
+
+
+def training_rows(X: Any, keep: np.ndarray) -> Any:
+    """The rows ``keep`` of ``X``: contiguous float32 in memory, or a lazy view of an on-disk store."""
+    from ..store import LazyRows
+
+    if isinstance(X, LazyRows):
+        return X.subset(keep)
+    return np.ascontiguousarray(X[keep], dtype=np.float32)
+
+
+def chunk_buffer_order(
+    chunk_of_row: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator,
+    buffer_chunks: int = STREAM_BUFFER_CHUNKS,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[np.ndarray]:
+    """Batches of row positions shuffled by chunk, then within a buffer of ``buffer_chunks`` chunks.
+
+    The chunks are permuted (one draw from ``generator``), dealt round-robin to ``world_size`` ranks (this
+    rank keeps ``chunks[rank::world_size]``), grouped ``buffer_chunks`` at a time, and the rows of each
+    group permuted; the concatenation is cut into batches (a final batch of a single row is dropped: batch
+    norm needs 2). A batch touches the chunks of at most two consecutive buffers, so a reader caching
+    ``buffer_chunks`` chunks decodes each chunk about once per epoch.
+    """
+    bufs = _buffers(chunk_of_row, generator, buffer_chunks, rank, world_size)
+    return _cut(np.concatenate(bufs) if bufs else np.zeros(0, dtype=np.int64), batch_size)
+
+
+def _cut(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Consecutive batches of ``rows``; a final batch of a single row is dropped (batch norm needs 2)."""
+    out = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out.pop()
+    return out
+
+
+def _buffers(
+    chunk_of_row: np.ndarray,
+    generator: torch.Generator,
+    buffer_chunks: int,
+    rank: int,
+    world_size: int,
+) -> list[np.ndarray]:
+    """The row positions of each buffer of :func:`chunk_buffer_order`, shuffled within the buffer."""
+    chunk_of_row = np.asarray(chunk_of_row)
+    chunks, inverse = np.unique(chunk_of_row, return_inverse=True)
+    perm = torch.randperm(len(chunks), generator=generator).numpy()
+    mine = perm[rank::world_size]
+    rows_of = np.argsort(inverse, kind="stable")
+    starts = np.searchsorted(inverse[rows_of], np.arange(len(chunks) + 1))
+    out: list[np.ndarray] = []
+    for g in range(0, len(mine), max(1, buffer_chunks)):
+        rows = np.concatenate([rows_of[starts[c] : starts[c + 1]] for c in mine[g : g + buffer_chunks]])
+        out.append(rows[torch.randperm(len(rows), generator=generator).numpy()])
+    return out
+
+
+class StreamingRows:
+    """Device-facing rows of a :class:`~specabund.store.LazyRows` with a small cache of decoded chunks.
+
+    ``rows[idx]`` (a tensor or array of positions, or a slice) returns a float32 tensor on ``device``; the
+    chunks it needs are read once and the last ``cache_chunks`` kept, so batches drawn by
+    :func:`chunk_buffer_order` and consecutive slices read every chunk once. Memory: ``cache_chunks``
+    chunks, whatever the size of the data set.
+    """
+
+    def __init__(
+        self, rows: Any, device: torch.device | str = "cpu", cache_chunks: int = STREAM_BUFFER_CHUNKS
+    ) -> None:
+        from collections import OrderedDict
+
+        self.rows = rows
+        self.device = torch.device(device)
+        self.cache_chunks = max(1, int(cache_chunks))
+        base = rows.base_rows
+        self._base = base
+        self.chunk_rows = rows.chunk_rows
+        self.chunk_of_row = base // self.chunk_rows
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._arr = rows._arr
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows.shape
+
+    def _chunk(self, c: int) -> np.ndarray:
+        block = self._cache.get(c)
+        if block is None:
+            lo = c * self.chunk_rows
+            block = np.asarray(self._arr[lo : lo + self.chunk_rows], dtype=np.float32)
+            self._cache[c] = block
+            while len(self._cache) > self.cache_chunks:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(c)
+        return block
+
+    def take(self, pos: np.ndarray) -> np.ndarray:
+        """Rows at positions ``pos`` as numpy (float32)."""
+        pos = np.asarray(pos, dtype=np.int64)
+        base = self._base[pos]
+        ch = base // self.chunk_rows
+        out = np.empty((len(pos), self.shape[1]), dtype=np.float32)
+        for c in np.unique(ch):
+            sel = ch == c
+            out[sel] = self._chunk(int(c))[base[sel] - c * self.chunk_rows]
+        return out
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, slice):
+            pos = np.arange(len(self))[key]
+        elif isinstance(key, torch.Tensor):
+            pos = key.detach().cpu().numpy()
+        else:
+            pos = np.asarray(key)
+        return torch.from_numpy(self.take(pos)).to(self.device)
+
+
+def device_rows(X: Any, device: torch.device) -> Any:
+    """``X`` as a tensor on ``device``, or as :class:`StreamingRows` when it lives in an on-disk store."""
+    from ..store import LazyRows
+
+    if isinstance(X, LazyRows):
+        return StreamingRows(X, device)
+    return torch.from_numpy(X).to(device)
+
+
+def batch_order(
+    rows: Any,
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    in_memory: Callable[[int, int, torch.Generator], list[torch.Tensor]],
+) -> list[Any]:
+    """The trainer's batches: ``in_memory(n, batch_size, generator)`` for tensors, chunk-buffered index
+    batches (:func:`chunk_buffer_order`) for :class:`StreamingRows`."""
+    if isinstance(rows, StreamingRows):
+        return [torch.from_numpy(b) for b in chunk_buffer_order(rows.chunk_of_row, batch_size, generator)]
+    return in_memory(n, batch_size, generator)
+
+
+class StoreBatches(torch.utils.data.IterableDataset):
+    """Batches ``(flux, ivar, y, positions)`` streamed from an on-disk store for a ``DataLoader``.
+
+    One epoch yields the batches of :func:`chunk_buffer_order` (shuffled by chunk, then within a buffer;
+    this ``rank``'s share of the chunks for ``world_size`` processes). With ``DataLoader(num_workers=k,
+    batch_size=None)`` the buffers are dealt to the workers in turn, so each reads only its chunks; peak
+    memory is ``(k + 1) * buffer_chunks`` chunks. Call :meth:`set_epoch` before each epoch (seed + epoch
+    draws the order, identical on every rank).
+    """
+
+    def __init__(
+        self,
+        X: Any,
+        ivar: Any,
+        y: np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        buffer_chunks: int = STREAM_BUFFER_CHUNKS,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if len(X) != len(ivar) or len(X) != len(y):
+            raise DataMismatchError("X, ivar and y differ in length")
+        self.X, self.ivar, self.y = X, ivar, np.asarray(y, dtype=np.float32)
+        self.batch_size, self.seed, self.buffer_chunks = int(batch_size), int(seed), int(buffer_chunks)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rows(self, worker: int = 0, n_workers: int = 1) -> np.ndarray:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        chunk_of_row = self.X.base_rows // self.X.chunk_rows
+        bufs = _buffers(chunk_of_row, gen, self.buffer_chunks, self.rank, self.world_size)
+        mine = bufs[worker::n_workers]
+        return np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
+
+    def batches(self) -> list[np.ndarray]:
+        """This epoch's batches of row positions (without DataLoader workers)."""
+        return _cut(self._rows(), self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        xs = StreamingRows(self.X, "cpu", self.buffer_chunks)
+        vs = StreamingRows(self.ivar, "cpu", self.buffer_chunks)
+        for b in _cut(self._rows(wid, nw), self.batch_size):
+            yield (
+                torch.from_numpy(xs.take(b)),
+                torch.from_numpy(vs.take(b)),
+                torch.from_numpy(self.y[b]),
+                torch.from_numpy(b),
+            )

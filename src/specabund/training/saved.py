@@ -72,11 +72,13 @@ def grid_info(wavelength: np.ndarray) -> dict[str, Any]:
 
 
 def data_hash(X: np.ndarray, ivar: np.ndarray, y: np.ndarray) -> str:
-    """SHA-256 of the flux, inverse variance and label arrays (as float32)."""
-    return hash_bytes(
-        *(np.ascontiguousarray(a, dtype=np.float32).tobytes() for a in (X, ivar, y)),
-        str(np.shape(X)).encode(),
-    )
+    """SHA-256 of the flux, inverse variance and label arrays (as float32); arrays of an on-disk store
+    are read block by block (same digest)."""
+    from ..store import block_hash
+
+    h = block_hash(X, ivar, y)
+    h.update(str(tuple(int(s) for s in np.shape(X))).encode())
+    return h.hexdigest()
 
 
 def save_weights(path: Path, model: nn.Module) -> None:

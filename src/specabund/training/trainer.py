@@ -37,7 +37,16 @@ from ..plotting import save_figure
 from ..tracking import BatchTracker
 from ..utils import atomic_write, hash_json, reject_unknown_keys
 from . import plots
-from .data import AugmentConfig, Augmenter, LabelScaler, prepare_input, select_labels
+from .data import (
+    AugmentConfig,
+    Augmenter,
+    LabelScaler,
+    batch_order,
+    device_rows,
+    prepare_input,
+    select_labels,
+    training_rows,
+)
 from .loss import LOSSES, masked_mse, training_loss
 from .saved import (
     CHECKPOINT_FILE,
@@ -256,8 +265,7 @@ def _prepare_split(ds: Dataset, labels: list[str], what: str) -> tuple[np.ndarra
     n_drop = int((~keep).sum())
     if n_drop:
         logger.info("%s: dropping %d spectra without any of the labels %s", what, n_drop, labels)
-    X = np.ascontiguousarray(ds.X[keep], dtype=np.float32)
-    ivar = np.ascontiguousarray(ds.ivar[keep], dtype=np.float32)
+    X, ivar = training_rows(ds.X, keep), training_rows(ds.ivar, keep)  # lazy for an on-disk store
     return X, ivar, y[keep]
 
 
@@ -273,8 +281,8 @@ def _to_tensors(
     if err is not None:
         label_var = torch.from_numpy(((err / scaler.std) ** 2).astype(np.float32)).to(dev)
     return _Tensors(
-        X=torch.from_numpy(X).to(dev),
-        ivar=torch.from_numpy(ivar).to(dev),
+        X=device_rows(X, dev),  # StreamingRows for an on-disk store
+        ivar=device_rows(ivar, dev),
         y=torch.from_numpy(scaler.transform(y)).to(dev),
         y_phys=y.astype(np.float64),
         label_var=label_var,
@@ -759,7 +767,7 @@ def _train_loop(
             _set_trunk_frozen(model, freeze)
             use_mse = epoch <= cfg.mse_warmup_epochs
             loss_sum, loss_n = 0.0, 0
-            for idx in _batches(n_train, cfg.batch_size, shuffle_gen):
+            for idx in batch_order(train_t.X, n_train, cfg.batch_size, shuffle_gen, _batches):
                 idx_d = idx.to(dev)
                 xb, vb = augmenter(train_t.X[idx_d], train_t.ivar[idx_d], aug_gen)
                 yb = train_t.y[idx_d]

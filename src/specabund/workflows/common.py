@@ -42,19 +42,20 @@ def load_training_data(data_path: str | Path) -> tuple[Dataset, Dataset, Dataset
         When no validation rows can be found.
     """
     from ..dataset import SPLIT_CODES, load_dataset
+    from ..store import resolve_dataset_path
 
     data_path = Path(data_path)
     ds = load_dataset(data_path)
     if (ds.split == SPLIT_CODES["val"]).any() and (ds.split == SPLIT_CODES["train"]).any():
         test = ds.split_subset("test")
         return ds.split_subset("train"), ds.split_subset("val"), test if len(test) else None
-    val_path = data_path.with_name("val_dataset.npz")
+    val_path = resolve_dataset_path(data_path.with_name("val_dataset.npz"))  # or .zarr
     if not val_path.exists():
         raise SpecabundError(
             f"{data_path}: no validation rows in it and no val_dataset.npz beside it; pass the reference "
             "dataset written by 'specabund preprocess' or a train file with val_dataset.npz next to it"
         )
-    test_path = data_path.with_name("test_dataset.npz")
+    test_path = resolve_dataset_path(data_path.with_name("test_dataset.npz"))
     return ds, load_dataset(val_path), load_dataset(test_path) if test_path.exists() else None
 
 

@@ -81,6 +81,7 @@ def predict_run(
     chunk_size: int = 10000,
     plots: bool = True,
     command: str = "specabund predict",
+    client: Any = None,
 ) -> PredictionOutcome:
     """The ``predict`` workflow: a catalogue for a dataset or raw FITS files (see
     :func:`specabund.predict.run_prediction` for the outputs).
@@ -111,6 +112,10 @@ def predict_run(
         Processes preprocessing raw files.
     command : str
         Named in the lock file of the output folder.
+    client : dask.distributed.Client, optional
+        Predict a preprocessed dataset in parts of ``chunk_size`` spectra, one Dask task each
+        (:func:`specabund.predict.parts.predict_in_parts`); a ``.zarr`` store is always predicted in parts
+        (streamed, in process without a client). The summary then has ``parts``.
     """
     from ..config import dumps
     from ..dataset import load_dataset
@@ -121,9 +126,13 @@ def predict_run(
         resolve_preprocess,
         run_prediction,
     )
+    from ..predict.parts import predict_in_parts
+    from ..store import is_zarr, resolve_dataset_path
 
     if sum(x is not None for x in (data_path, fits_dir, files)) > 1:
         raise SpecabundError("give only one of data_path, fits_dir and files")
+    if client is not None and data_path is None and (fits_dir is not None or files is not None):
+        raise SpecabundError("a Dask cluster predicts a preprocessed dataset (preprocess with it first)")
     ws = workspace.with_paths(cfg["paths"])
     run_dir, predictor, out = _prediction_target(ws, model, device, output_dir)
     settings: dict[str, Any] = {
@@ -149,7 +158,28 @@ def predict_run(
             )
             settings.update(input=str(fits_dir or files), preprocess_options_from=source)
         else:
-            path = ws.resolve(data_path) if data_path is not None else ws.dataset_path("prediction")
+            path = resolve_dataset_path(
+                ws.resolve(data_path) if data_path is not None else ws.dataset_path("prediction")
+            )
+            if client is not None or is_zarr(path):  # survey scale: stream, write the catalogue in parts
+                s = predict_in_parts(
+                    path,
+                    run_dir,
+                    out,
+                    part_rows=chunk_size,
+                    device=str(device),
+                    labels=list(labels) if labels else None,
+                    ensemble_mode=ensemble_mode,
+                    n_samples=mc_samples,
+                    batch_size=batch_size,
+                    seed=seed,
+                    apply_calibration=apply_calibration,
+                    plots=plots,
+                    client=client,
+                    extra={"settings": {**settings, "input": str(path), "cluster": client is not None}},
+                )
+                save_config(cfg, out / RESOLVED_CONFIG)
+                return PredictionOutcome(run_dir=run_dir, out_dir=out, summary=s, input=path)
             inputs = PredictionInputs.from_dataset(load_dataset(path))
             settings.update(input=str(path))
         summary = run_prediction(
@@ -221,9 +251,13 @@ def calibrate_run(
         "seed": seed,
         "ensemble_mode": ensemble_mode,
     }
-    val_path = ws.resolve(data_path) if data_path is not None else ws.dataset_path("val")
-    tr = ws.resolve(train_data) if train_data else val_path.parent / "train_dataset.npz"
-    te = ws.resolve(test_data) if test_data else val_path.parent / "test_dataset.npz"
+    from ..store import resolve_dataset_path
+
+    val_given = ws.resolve(data_path) if data_path is not None else ws.dataset_path("val")
+    val_path = resolve_dataset_path(val_given)
+    beside = val_path.parent  # the training and test sets beside it, .npz or .zarr
+    tr = ws.resolve(train_data) if train_data else resolve_dataset_path(beside / "train_dataset.npz")
+    te = ws.resolve(test_data) if test_data else resolve_dataset_path(beside / "test_dataset.npz")
     with FolderLock(out, command), FolderLock(run_dir, command):  # the calibration is stored with the model
         res = calibrate(
             predictor,

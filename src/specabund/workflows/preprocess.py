@@ -38,6 +38,8 @@ def preprocess_run(
     plots: bool = True,
     progress: bool = False,
     command: str = "specabund preprocess",
+    dataset_format: str = "auto",
+    client: Any = None,
 ) -> tuple[Path, dict[str, Any]]:
     """The ``preprocess`` workflow: FITS files into training-ready datasets.
 
@@ -61,6 +63,10 @@ def preprocess_run(
         Show progress bars.
     command : str
         Named in the lock file of the output folder.
+    dataset_format : {'auto', 'npz', 'zarr'}
+        Dataset files (``auto``: a Zarr store when flux + ivar of a set exceed 1 GB).
+    client : dask.distributed.Client, optional
+        Run each chunk as one Dask task (``--cluster``); None: local processes.
 
     Returns
     -------
@@ -91,6 +97,7 @@ def preprocess_run(
         include_stellar_parameters=data.include_stellar_parameters,
         catalog_rules=CatalogRules.from_config(cfg["data"]),
         progress=progress,
+        format=dataset_format,
     )
     fdir = ws.resolve(fits_dir if fits_dir is not None else ws.fits_dir)
     odir = ws.resolve(output_dir if output_dir is not None else ws.processed_dir)
@@ -103,6 +110,7 @@ def preprocess_run(
             options=settings.preprocess_options(),
             settings=pipeline,
             plots_dir=ws.plots_path if plots else None,
+            client=client,
         )
         save_config(cfg, odir / RESOLVED_CONFIG)
     return odir, manifest
