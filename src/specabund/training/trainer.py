@@ -630,6 +630,322 @@ def _set_trunk_frozen(model: nn.Module, frozen: bool) -> None:
                 m.eval()
 
 
+@dataclass
+class _Setup:
+    """What one training run works with (built by :func:`_build_setup`, unchanged by the epochs)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    grad_scaler: torch.amp.GradScaler
+    use_scaler: bool
+    augmenter: Augmenter
+    train_t: _Tensors
+    val_t: _Tensors
+    shuffle_gen: torch.Generator
+    aug_gen: torch.Generator
+    extra_config: dict[str, Any]
+
+
+@dataclass
+class _Progress:
+    """Bookkeeping carried from epoch to epoch and saved in the checkpoint."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    epoch: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+
+
+@dataclass
+class _Validation:
+    """One pass over the validation set."""
+
+    loss: float
+    mu: np.ndarray  # standardised means
+    lv: np.ndarray  # standardised log-variances
+    pred: np.ndarray  # physical means
+    metrics: dict[str, dict[str, float]]
+
+
+def _seeded_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Shuffling and augmentation generators derived from the config seed."""
+    seeds = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(seeds[0])), torch.Generator().manual_seed(int(seeds[1]))
+
+
+def _build_setup(
+    *,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    dev: torch.device,
+    train_np: tuple[np.ndarray, np.ndarray, np.ndarray],
+    val_np: tuple[np.ndarray, np.ndarray, np.ndarray],
+    errors: tuple[np.ndarray | None, np.ndarray | None],
+    scaler: LabelScaler,
+    wavelength: np.ndarray,
+    parent: dict[str, Any] | None,
+    extra_config: dict[str, Any],
+) -> _Setup:
+    """Seeded generators, the model (with the parent's weights), optimiser, schedulers and tensors."""
+    # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
+    # initialisation and dropout reproducible from the config seed.
+    torch.manual_seed(cfg.seed)
+    shuffle_gen, aug_gen = _seeded_generators(cfg.seed)
+    n_pixels = int(train_np[0].shape[1])
+    model = build_model(model_config, n_pixels, len(labels))
+    if parent is not None:
+        copied = _load_parent_weights(model, parent, labels)
+        logger.info(
+            "initialised %d of %d tensors from %s", len(copied), len(model.state_dict()), parent["run_dir"]
+        )
+        extra_config = {
+            **extra_config,
+            "init_from": {
+                "run_dir": parent["run_dir"],
+                "labels": parent["labels"],
+                "weights_sha256": parent["weights_sha256"],
+                "preprocess_hash": parent["preprocess_hash"],
+                "tensors_copied": len(copied),
+                "freeze_epochs": cfg.freeze_epochs,
+            },
+        }
+    model = model.to(dev)
+    optimizer = _make_optimizer(model, cfg)
+    scheduler = _make_scheduler(optimizer, cfg, _steps_per_epoch(len(train_np[0]), cfg.batch_size))
+    use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "fp16"
+    return _Setup(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        grad_scaler=torch.amp.GradScaler("cuda", enabled=use_scaler),
+        use_scaler=use_scaler,
+        augmenter=Augmenter(cfg.augment, wavelength),
+        train_t=_to_tensors(*train_np, scaler, dev, errors[0]),
+        val_t=_to_tensors(*val_np, scaler, dev, errors[1]),
+        shuffle_gen=shuffle_gen,
+        aug_gen=aug_gen,
+        extra_config=extra_config,
+    )
+
+
+def _restore(setup: _Setup, state: dict[str, Any] | None, dev: torch.device) -> _Progress:
+    """Load a checkpoint into the setup (weights, optimiser, schedulers, random streams) and return its
+    bookkeeping; a fresh :class:`_Progress` without one."""
+    if state is None:
+        return _Progress()
+    setup.model.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    if setup.scheduler is not None and state.get("scheduler") is not None:
+        setup.scheduler.load_state_dict(state["scheduler"])
+    if state.get("grad_scaler"):
+        setup.grad_scaler.load_state_dict(state["grad_scaler"])
+    torch.set_rng_state(state["rng_torch"])
+    if dev.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], dev)
+    setup.shuffle_gen.set_state(state["rng_shuffle"])
+    setup.aug_gen.set_state(state["rng_augment"])
+    return _Progress(
+        history=list(state["history"]),
+        best_val=float(state["best_val"]),
+        best_epoch=int(state["best_epoch"]),
+        best_state=state["best_state"],
+        bad_epochs=int(state["bad_epochs"]),
+        epoch=int(state["epoch"]),
+        finished=bool(state["finished"]),
+        stopped_early=bool(state.get("stopped_early", False)),
+    )
+
+
+def _train_epoch(
+    setup: _Setup,
+    batches: Sequence[torch.Tensor],
+    *,
+    cfg: TrainConfig,
+    model_config: ModelConfig,
+    dev: torch.device,
+    use_mse: bool,
+) -> tuple[float, int]:
+    """One pass of optimiser steps over ``batches`` (index tensors into the training tensors).
+
+    Returns the sum of the batch losses weighted by batch size, and the number of spectra.
+    """
+    model, opt, gs, data = setup.model, setup.optimizer, setup.grad_scaler, setup.train_t
+    loss_sum, loss_n = 0.0, 0
+    for idx in batches:
+        idx_d = idx.to(dev)
+        xb, vb = setup.augmenter(data.X[idx_d], data.ivar[idx_d], setup.aug_gen)
+        yb = data.y[idx_d]
+        eb = data.label_var[idx_d] if data.label_var is not None else None
+        with _autocast(cfg, dev):
+            mu, lv = model(prepare_input(xb, vb, model_config.in_channels))
+        loss = (
+            masked_mse(mu, yb)
+            if use_mse
+            else training_loss(
+                cfg.loss,
+                mu,
+                lv,
+                yb,
+                model_config.logvar_min,
+                model_config.logvar_max,
+                cfg.beta,
+                label_var=eb,
+            )
+        )
+        opt.zero_grad(set_to_none=True)
+        gs.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            gs.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gs.step(opt)
+        gs.update()
+        if setup.scheduler is not None and cfg.scheduler in ("onecycle", "cosine"):
+            setup.scheduler.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        loss_n += len(idx)
+    return loss_sum, loss_n
+
+
+def _validate(
+    setup: _Setup,
+    cfg: TrainConfig,
+    in_channels: int,
+    dev: torch.device,
+    scaler: LabelScaler,
+    labels: list[str],
+) -> _Validation:
+    """Validation loss, predictions and per-label metrics (physical units) of the current weights."""
+    loss, mu, lv = _evaluate_split(setup.model, setup.val_t, in_channels, cfg, dev)
+    pred = scaler.inverse(mu)
+    return _Validation(loss, mu, lv, pred, _label_metrics(setup.val_t.y_phys, pred, labels))
+
+
+def _update_best(prog: _Progress, epoch: int, val_loss: float, model: nn.Module, cfg: TrainConfig) -> bool:
+    """Keep the weights of an improved epoch, count the others; whether early stopping triggers."""
+    if val_loss < prog.best_val - cfg.min_delta:
+        prog.best_val, prog.best_epoch, prog.bad_epochs = val_loss, epoch, 0
+        prog.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        prog.bad_epochs += 1
+    return cfg.early_stopping > 0 and prog.bad_epochs >= cfg.early_stopping
+
+
+def _epoch_row(
+    epoch: int,
+    train_loss: float,
+    val: _Validation,
+    *,
+    use_mse: bool,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    best_epoch: int,
+    labels: list[str],
+) -> dict[str, Any]:
+    """The ``metrics.csv`` row of one epoch (timing and memory are added by the caller)."""
+    row: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val.loss,
+        "loss_kind": "mse_warmup" if use_mse else cfg.loss,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+        "best_epoch": best_epoch,
+    }
+    for lab in labels:
+        for key in METRIC_KEYS:
+            row[f"{lab}_{key}"] = val.metrics[lab][key]
+    return row
+
+
+def _checkpoint(setup: _Setup, prog: _Progress, fingerprint: str, dev: torch.device) -> dict[str, Any]:
+    """Everything needed to continue after ``prog.epoch`` exactly as an uninterrupted run would."""
+    ckpt = {
+        "fingerprint": fingerprint,
+        "epoch": prog.epoch,
+        "model": {k: v.detach().cpu() for k, v in setup.model.state_dict().items()},
+        "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
+        "grad_scaler": setup.grad_scaler.state_dict() if setup.use_scaler else {},
+        "history": prog.history,
+        "best_val": prog.best_val,
+        "best_epoch": prog.best_epoch,
+        "best_state": prog.best_state,
+        "bad_epochs": prog.bad_epochs,
+        "finished": False,
+        "stopped_early": prog.stopped_early,
+        "rng_torch": torch.get_rng_state(),
+        "rng_shuffle": setup.shuffle_gen.get_state(),
+        "rng_augment": setup.aug_gen.get_state(),
+    }
+    if dev.type == "cuda":
+        ckpt["rng_cuda"] = torch.cuda.get_rng_state(dev)
+    return ckpt
+
+
+def _saved_config(
+    *,
+    setup: _Setup,
+    prog: _Progress,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    scaler: LabelScaler,
+    wavelength: np.ndarray,
+    preprocess_hash: str,
+    hashes: dict[str, str],
+    final_metrics: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """The content of ``config.json``."""
+    y_phys = setup.train_t.y_phys
+    return {
+        "format_version": 1,
+        "specabund_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model_config.to_dict(),
+        "train": cfg.to_dict(),
+        "labels": labels,
+        "label_mean": scaler.mean.tolist(),
+        "label_std": scaler.std.tolist(),
+        "wavelength": grid_info(wavelength),
+        "preprocess_hash": str(preprocess_hash),
+        **hashes,
+        "n_train": len(setup.train_t.X),
+        "n_val": len(setup.val_t.X),
+        "best_epoch": prog.best_epoch,
+        "best_val_loss": prog.best_val,
+        "epochs_run": len(prog.history),
+        "stopped_early": prog.stopped_early,
+        "final_metrics": final_metrics,
+        "label_range": {
+            "min": np.nanmin(np.where(np.isfinite(y_phys), y_phys, np.inf), axis=0).tolist(),
+            "max": np.nanmax(np.where(np.isfinite(y_phys), y_phys, -np.inf), axis=0).tolist(),
+        },
+        **setup.extra_config,
+    }
+
+
+def _best_metrics(prog: _Progress, val_t: _Tensors, labels: list[str]) -> dict[str, dict[str, float]]:
+    """Per-label validation metrics of the best epoch, with the number of validation values."""
+    best_row = next(r for r in prog.history if int(r["epoch"]) == prog.best_epoch)
+    final_metrics = {lab: {k: best_row[f"{lab}_{k}"] for k in METRIC_KEYS} for lab in labels}
+    for lab in labels:
+        final_metrics[lab]["n"] = int(np.isfinite(val_t.y_phys[:, labels.index(lab)]).sum())
+    return final_metrics
+
+
+def _mark_checkpoint_finished(path: Path, stopped_early: bool) -> None:
+    final_state = load_checkpoint(path)
+    if not final_state.get("finished"):
+        final_state["finished"] = True
+        final_state["stopped_early"] = stopped_early
+        save_checkpoint(path, final_state)
+
+
 def _train_loop(
     *,
     run_dir: Path,
@@ -653,255 +969,174 @@ def _train_loop(
     parent: dict[str, Any] | None = None,
     errors: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> TrainResult:
-    # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
-    # initialisation and dropout reproducible from the config seed.
-    torch.manual_seed(cfg.seed)
-    seeds = np.random.SeedSequence(cfg.seed).generate_state(2, dtype=np.uint32)
-    shuffle_gen = torch.Generator().manual_seed(int(seeds[0]))
-    aug_gen = torch.Generator().manual_seed(int(seeds[1]))
-
-    n_pixels = int(train_np[0].shape[1])
-    model = build_model(model_config, n_pixels, len(labels))
-    if parent is not None:
-        copied = _load_parent_weights(model, parent, labels)
-        logger.info(
-            "initialised %d of %d tensors from %s", len(copied), len(model.state_dict()), parent["run_dir"]
-        )
-        extra_config = {
-            **extra_config,
-            "init_from": {
-                "run_dir": parent["run_dir"],
-                "labels": parent["labels"],
-                "weights_sha256": parent["weights_sha256"],
-                "preprocess_hash": parent["preprocess_hash"],
-                "tensors_copied": len(copied),
-                "freeze_epochs": cfg.freeze_epochs,
-            },
-        }
-    model = model.to(dev)
-    optimizer = _make_optimizer(model, cfg)
-    steps = _steps_per_epoch(len(train_np[0]), cfg.batch_size)
-    scheduler = _make_scheduler(optimizer, cfg, steps)
-    use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "fp16"
-    grad_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    augmenter = Augmenter(cfg.augment, wavelength)
-    train_t = _to_tensors(*train_np, scaler, dev, errors[0])
-    val_t = _to_tensors(*val_np, scaler, dev, errors[1])
-
-    history: list[dict[str, Any]] = []
-    best_val = math.inf
-    best_epoch = 0
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs = 0
-    start_epoch = 0
-    finished = False
-    stopped_early = False
+    """Build the run (:func:`_build_setup`), restore a checkpoint (:func:`_restore`), run the epochs
+    (:func:`_train_epoch`, :func:`_validate`, :func:`_update_best`, :func:`_checkpoint`) and write the
+    saved model (:func:`_finish`)."""
+    setup = _build_setup(
+        labels=labels,
+        model_config=model_config,
+        cfg=cfg,
+        dev=dev,
+        train_np=train_np,
+        val_np=val_np,
+        errors=errors,
+        scaler=scaler,
+        wavelength=wavelength,
+        parent=parent,
+        extra_config=extra_config,
+    )
+    prog = _restore(setup, state, dev)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if state.get("grad_scaler"):
-            grad_scaler.load_state_dict(state["grad_scaler"])
-        history = list(state["history"])
-        best_val = float(state["best_val"])
-        best_epoch = int(state["best_epoch"])
-        best_state = state["best_state"]
-        bad_epochs = int(state["bad_epochs"])
-        start_epoch = int(state["epoch"])
-        finished = bool(state["finished"])
-        stopped_early = bool(state.get("stopped_early", False))
-        torch.set_rng_state(state["rng_torch"])
-        if dev.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], dev)
-        shuffle_gen.set_state(state["rng_shuffle"])
-        aug_gen.set_state(state["rng_augment"])
-        logger.info("resuming %s after epoch %d", run_dir, start_epoch)
+        logger.info("resuming %s after epoch %d", run_dir, prog.epoch)
 
     tracker = BatchTracker(plot_dir, name) if plot_dir is not None else None
-    epochs = range(start_epoch + 1, cfg.epochs + 1)
     bar = None
-    if progress and not finished:
+    if progress and not prog.finished:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"train {name}", unit="epoch")
+        bar = tqdm(total=cfg.epochs, initial=prog.epoch, desc=f"train {name}", unit="epoch")
     in_ch = model_config.in_channels
-    n_train = len(train_t.X)
-    mu_v = lv_v = None
+    n_train = len(setup.train_t.X)
+    val: _Validation | None = None
     try:
-        for epoch in epochs:
-            if finished:
+        for epoch in range(prog.epoch + 1, cfg.epochs + 1):
+            if prog.finished:
                 break
             t0 = time.perf_counter()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            model.train()
-            freeze = parent is not None and epoch <= cfg.freeze_epochs
-            _set_trunk_frozen(model, freeze)
+            setup.model.train()
+            _set_trunk_frozen(setup.model, parent is not None and epoch <= cfg.freeze_epochs)
             use_mse = epoch <= cfg.mse_warmup_epochs
-            loss_sum, loss_n = 0.0, 0
-            for idx in _batches(n_train, cfg.batch_size, shuffle_gen):
-                idx_d = idx.to(dev)
-                xb, vb = augmenter(train_t.X[idx_d], train_t.ivar[idx_d], aug_gen)
-                yb = train_t.y[idx_d]
-                eb = train_t.label_var[idx_d] if train_t.label_var is not None else None
-                with _autocast(cfg, dev):
-                    mu, lv = model(prepare_input(xb, vb, in_ch))
-                loss = (
-                    masked_mse(mu, yb)
-                    if use_mse
-                    else training_loss(
-                        cfg.loss,
-                        mu,
-                        lv,
-                        yb,
-                        model_config.logvar_min,
-                        model_config.logvar_max,
-                        cfg.beta,
-                        label_var=eb,
-                    )
-                )
-                optimizer.zero_grad(set_to_none=True)
-                grad_scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    grad_scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                grad_scaler.step(optimizer)
-                grad_scaler.update()
-                if scheduler is not None and cfg.scheduler in ("onecycle", "cosine"):
-                    scheduler.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                loss_n += len(idx)
+            loss_sum, loss_n = _train_epoch(
+                setup,
+                _batches(n_train, cfg.batch_size, setup.shuffle_gen),
+                cfg=cfg,
+                model_config=model_config,
+                dev=dev,
+                use_mse=use_mse,
+            )
             train_loss = loss_sum / max(loss_n, 1)
-            val_loss, mu_v, lv_v = _evaluate_split(model, val_t, in_ch, cfg, dev)
-            pred_v = scaler.inverse(mu_v)
-            lab_metrics = _label_metrics(val_t.y_phys, pred_v, labels)
-            if cfg.scheduler == "plateau" and scheduler is not None:
-                scheduler.step(val_loss)
-            improved = val_loss < best_val - cfg.min_delta
-            if improved:
-                best_val, best_epoch, bad_epochs = val_loss, epoch, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            else:
-                bad_epochs += 1
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "loss_kind": "mse_warmup" if use_mse else cfg.loss,
-                "lr": float(optimizer.param_groups[0]["lr"]),
-                "best_epoch": best_epoch,
-            }
-            for lab in labels:
-                for key in METRIC_KEYS:
-                    row[f"{lab}_{key}"] = lab_metrics[lab][key]
+            val = _validate(setup, cfg, in_ch, dev, scaler, labels)
+            if cfg.scheduler == "plateau" and setup.scheduler is not None:
+                setup.scheduler.step(val.loss)
+            stop = _update_best(prog, epoch, val.loss, setup.model, cfg)
+            row = _epoch_row(
+                epoch,
+                train_loss,
+                val,
+                use_mse=use_mse,
+                cfg=cfg,
+                optimizer=setup.optimizer,
+                best_epoch=prog.best_epoch,
+                labels=labels,
+            )
             row["epoch_time_s"] = time.perf_counter() - t0
             row["memory_mb"] = _memory_mb(dev)
-            history.append(row)
-            df = _write_metrics_csv(run_dir / METRICS_FILE, history)
-            stop = cfg.early_stopping > 0 and bad_epochs >= cfg.early_stopping
-            finished = stop or epoch == cfg.epochs
-            stopped_early = stop
+            prog.history.append(row)
+            prog.epoch = epoch
+            df = _write_metrics_csv(run_dir / METRICS_FILE, prog.history)
+            prog.finished = stop or epoch == cfg.epochs
+            prog.stopped_early = stop
             if tracker is not None and plot_dir is not None:
                 tracker.record(epoch, {k: v for k, v in row.items() if k not in ("epoch", "loss_kind")})
-                if epoch % cfg.plot_every == 0 or finished:
-                    sig = np.exp(0.5 * lv_v) * scaler.std
-                    _refresh_plots(plot_dir, name, df, labels, val_t.y_phys, pred_v, sig, epoch)
-            ckpt = {
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "grad_scaler": grad_scaler.state_dict() if use_scaler else {},
-                "history": history,
-                "best_val": best_val,
-                "best_epoch": best_epoch,
-                "best_state": best_state,
-                "bad_epochs": bad_epochs,
-                "finished": False,
-                "stopped_early": stopped_early,
-                "rng_torch": torch.get_rng_state(),
-                "rng_shuffle": shuffle_gen.get_state(),
-                "rng_augment": aug_gen.get_state(),
-            }
-            if dev.type == "cuda":
-                ckpt["rng_cuda"] = torch.cuda.get_rng_state(dev)
-            save_checkpoint(run_dir / CHECKPOINT_FILE, ckpt)
+                if epoch % cfg.plot_every == 0 or prog.finished:
+                    sig = np.exp(0.5 * val.lv) * scaler.std
+                    _refresh_plots(plot_dir, name, df, labels, setup.val_t.y_phys, val.pred, sig, epoch)
+            save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint(setup, prog, fingerprint, dev))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best_epoch)
+                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val.loss:.3f}", best=prog.best_epoch)
             for cb in callbacks:
                 if cb(epoch, dict(row)):
-                    finished = stopped_early = True
-            if finished:
+                    prog.finished = prog.stopped_early = True
+            if prog.finished:
                 break
     finally:
         if bar is not None:
             bar.close()
+    return _finish(
+        setup=setup,
+        prog=prog,
+        run_dir=run_dir,
+        labels=labels,
+        model_config=model_config,
+        cfg=cfg,
+        dev=dev,
+        scaler=scaler,
+        wavelength=wavelength,
+        preprocess_hash=preprocess_hash,
+        hashes=hashes,
+        tracker=tracker,
+        plot_dir=plot_dir,
+        name=name,
+        validated=val is not None,
+    )
 
-    if best_state is None:
+
+def _finish(
+    *,
+    setup: _Setup,
+    prog: _Progress,
+    run_dir: Path,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    dev: torch.device,
+    scaler: LabelScaler,
+    wavelength: np.ndarray,
+    preprocess_hash: str,
+    hashes: dict[str, str],
+    tracker: BatchTracker | None,
+    plot_dir: Path | None,
+    name: str,
+    validated: bool,
+) -> TrainResult:
+    """Keep the best weights and write the saved model: weights, ``config.json``, the checkpoint marked
+    finished and the final plots (pred-vs-true of the kept weights)."""
+    if prog.best_state is None:
         raise ConfigError(f"{run_dir}: no epoch was completed")
-    model.load_state_dict(best_state)
-    best_row = next(r for r in history if int(r["epoch"]) == best_epoch)
-    final_metrics = {lab: {k: best_row[f"{lab}_{k}"] for k in METRIC_KEYS} for lab in labels}
-    for lab in labels:
-        final_metrics[lab]["n"] = int(np.isfinite(val_t.y_phys[:, labels.index(lab)]).sum())
+    model = setup.model
+    model.load_state_dict(prog.best_state)
+    final_metrics = _best_metrics(prog, setup.val_t, labels)
     save_weights(run_dir / WEIGHTS_FILE, model)
-    config = {
-        "format_version": 1,
-        "specabund_version": __version__,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": model_config.to_dict(),
-        "train": cfg.to_dict(),
-        "labels": labels,
-        "label_mean": scaler.mean.tolist(),
-        "label_std": scaler.std.tolist(),
-        "wavelength": grid_info(wavelength),
-        "preprocess_hash": str(preprocess_hash),
-        **hashes,
-        "n_train": len(train_t.X),
-        "n_val": len(val_t.X),
-        "best_epoch": best_epoch,
-        "best_val_loss": best_val,
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "final_metrics": final_metrics,
-        "label_range": {
-            "min": np.nanmin(np.where(np.isfinite(train_t.y_phys), train_t.y_phys, np.inf), axis=0).tolist(),
-            "max": np.nanmax(np.where(np.isfinite(train_t.y_phys), train_t.y_phys, -np.inf), axis=0).tolist(),
-        },
-        **extra_config,
-    }
+    config = _saved_config(
+        setup=setup,
+        prog=prog,
+        labels=labels,
+        model_config=model_config,
+        cfg=cfg,
+        scaler=scaler,
+        wavelength=wavelength,
+        preprocess_hash=preprocess_hash,
+        hashes=hashes,
+        final_metrics=final_metrics,
+    )
     write_config(run_dir, config)
-    final_state = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    if not final_state.get("finished"):
-        final_state["finished"] = True
-        final_state["stopped_early"] = stopped_early
-        save_checkpoint(run_dir / CHECKPOINT_FILE, final_state)
+    _mark_checkpoint_finished(run_dir / CHECKPOINT_FILE, prog.stopped_early)
     if tracker is not None and plot_dir is not None:
         tracker.finalize(["train_loss", "val_loss", "lr", *(f"{lab}_rmse" for lab in labels)])
-        if mu_v is not None and lv_v is not None:
+        if validated:
             # pred-vs-true of the kept (best) weights
-            _, mu_b, lv_b = _evaluate_split(model, val_t, in_ch, cfg, dev)
+            _, mu_b, lv_b = _evaluate_split(model, setup.val_t, model_config.in_channels, cfg, dev)
             _refresh_plots(
                 plot_dir,
                 name,
-                pd.DataFrame(history),
+                pd.DataFrame(prog.history),
                 labels,
-                val_t.y_phys,
+                setup.val_t.y_phys,
                 scaler.inverse(mu_b),
                 np.exp(0.5 * lv_b) * scaler.std,
-                best_epoch,
+                prog.best_epoch,
                 which="best epoch",
             )
     return TrainResult(
         run_dir=run_dir,
-        best_epoch=best_epoch,
-        best_val_loss=best_val,
-        epochs_run=len(history),
-        stopped_early=stopped_early,
-        history=pd.DataFrame(history),
+        best_epoch=prog.best_epoch,
+        best_val_loss=prog.best_val,
+        epochs_run=len(prog.history),
+        stopped_early=prog.stopped_early,
+        history=pd.DataFrame(prog.history),
         final_metrics=final_metrics,
     )
 
