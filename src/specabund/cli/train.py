@@ -186,7 +186,11 @@ def _train(
         run_dir = ws.models() / _run_name(labels)
         if not overwrite:
             _check_fresh_run_dir(run_dir)
-    lock_output(ctx, run_dir)
+    from ..training import distributed
+
+    run_dir = distributed.same_on_all_ranks(run_dir)  # torchrun: rank 0's (time-stamped) folder
+    if distributed.is_primary():
+        lock_output(ctx, run_dir)
     if not resume and not overwrite:
         _check_fresh_run_dir(run_dir)  # again, now that no one else can write it
     name = tracking_name(labels)
@@ -252,6 +256,8 @@ def _train(
         results = train_ensemble(tr, va, labels, model_cfg, train_cfg, run_dir, ensemble, **kw)
     else:
         results = [train(tr, va, labels, model_cfg, train_cfg, run_dir, init_from=parent, **kw)]
+    if not distributed.is_primary():
+        return run_dir  # rank 0 writes and reports
     if not (run_dir / RESOLVED_CONFIG).exists():
         save_config(cfg, run_dir / RESOLVED_CONFIG)
     for k, res in enumerate(results):

@@ -36,8 +36,9 @@ from ..models import ModelConfig, build_model
 from ..plotting import save_figure
 from ..tracking import BatchTracker
 from ..utils import atomic_write, hash_json, reject_unknown_keys
-from . import plots
+from . import distributed, plots
 from .data import AugmentConfig, Augmenter, LabelScaler, prepare_input, select_labels
+from .distributed import DistContext
 from .loss import LOSSES, masked_mse, training_loss
 from .saved import (
     CHECKPOINT_FILE,
@@ -355,21 +356,26 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 @torch.inference_mode()
-def _evaluate_split(
-    model: nn.Module, data: _Tensors, in_channels: int, cfg: TrainConfig, dev: torch.device
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """Validation loss (``cfg.loss``, standardised units) and the standardised mean and log-variance."""
+@torch.inference_mode()
+def _evaluate_rows(
+    model: nn.Module,
+    data: _Tensors,
+    in_channels: int,
+    cfg: TrainConfig,
+    dev: torch.device,
+    start: int,
+    stop: int,
+) -> tuple[float, int, np.ndarray, np.ndarray]:
+    """Rows ``start:stop`` of a split: the loss summed over the label values, their number, and the
+    standardised mean and log-variance."""
     model.eval()
     total, count = 0.0, 0
-    mus, lvs = [], []
-    n = len(data.X)
-    for s in range(0, n, cfg.eval_batch_size):
-        xb, vb, yb = (
-            data.X[s : s + cfg.eval_batch_size],
-            data.ivar[s : s + cfg.eval_batch_size],
-            data.y[s : s + cfg.eval_batch_size],
-        )
-        eb = data.label_var[s : s + cfg.eval_batch_size] if data.label_var is not None else None
+    n_lab = int(data.y.shape[1])
+    mus, lvs = [np.zeros((0, n_lab))], [np.zeros((0, n_lab))]
+    for s in range(start, stop, cfg.eval_batch_size):
+        e = min(s + cfg.eval_batch_size, stop)
+        xb, vb, yb = data.X[s:e], data.ivar[s:e], data.y[s:e]
+        eb = data.label_var[s:e] if data.label_var is not None else None
         with _autocast(cfg, dev):
             mu, lv = model(prepare_input(xb, vb, in_channels))
         mu, lv = mu.float(), lv.float()
@@ -378,7 +384,15 @@ def _evaluate_split(
         count += k
         mus.append(mu.double().cpu().numpy())
         lvs.append(lv.double().cpu().numpy())
-    return total / max(count, 1), np.concatenate(mus), np.concatenate(lvs)
+    return total, count, np.concatenate(mus), np.concatenate(lvs)
+
+
+def _evaluate_split(
+    model: nn.Module, data: _Tensors, in_channels: int, cfg: TrainConfig, dev: torch.device
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Validation loss (``cfg.loss``, standardised units) and the standardised mean and log-variance."""
+    total, count, mu, lv = _evaluate_rows(model, data, in_channels, cfg, dev, 0, len(data.X))
+    return total / max(count, 1), mu, lv
 
 
 def _autocast(cfg: TrainConfig, dev: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -400,10 +414,17 @@ def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> pd.DataFram
 
 
 def _fingerprint(
-    model_config: ModelConfig, train_config: TrainConfig, labels: list[str], hashes: dict[str, str]
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    labels: list[str],
+    hashes: dict[str, str],
+    world_size: int = 1,
 ) -> str:
     tc = {k: v for k, v in train_config.to_dict().items() if k not in RESUME_FREE_FIELDS}
-    return hash_json({"model": model_config.to_dict(), "train": tc, "labels": labels, **hashes})
+    spec: dict[str, Any] = {"model": model_config.to_dict(), "train": tc, "labels": labels, **hashes}
+    if world_size > 1:  # the data order and the steps per epoch depend on it
+        spec["world_size"] = world_size
+    return hash_json(spec)
 
 
 def _refresh_plots(
@@ -503,6 +524,13 @@ def train(
     name = name or "_".join(labels)
     cfg = train_config
     dev = resolve_device(cfg.device)
+    ctx = distributed.context()
+    if ctx.enabled:
+        dev, cfg = _rank_device_and_threads(dev, cfg, ctx)
+        rank_batch_size(cfg.batch_size, ctx.world_size)  # fail early, on every rank
+        dirs = distributed.all_gather(str(run_dir.resolve()))
+        if len(set(dirs)) > 1:
+            raise ConfigError(f"the torchrun processes were given different run folders: {sorted(set(dirs))}")
     if cfg.amp and dev.type != "cuda":
         logger.info("amp requested on %s: mixed precision is used on CUDA only; training in float32", dev)
 
@@ -525,12 +553,17 @@ def train(
             hashes["train_label_err_hash"] = data_hash(et[:, :1], et[:, :1], et)
     if parent is not None:
         hashes["init_from_weights"] = parent["weights_sha256"]
-    fingerprint = _fingerprint(model_config, cfg, labels, hashes)
+    fingerprint = _fingerprint(model_config, cfg, labels, hashes, ctx.world_size)
 
     ckpt_path = run_dir / CHECKPOINT_FILE
     state: dict[str, Any] | None = None
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path)  # every rank reads the same checkpoint
+        if int(state.get("world_size", 1)) != ctx.world_size and not state.get("finished"):
+            raise ConfigError(
+                f"{run_dir}: cannot resume, the run was trained by {state.get('world_size', 1)} process(es) "
+                f"and this launch has {ctx.world_size}; resume with the same --nproc-per-node"
+            )
         if state.get("fingerprint") != fingerprint:
             raise ConfigError(
                 f"{run_dir}: cannot resume, the checkpoint was made with a different configuration, label "
@@ -562,7 +595,20 @@ def train(
             name=name,
             extra_config=dict(extra_config or {}),
             parent=parent,
+            ctx=ctx,
         )
+
+
+def _rank_device_and_threads(
+    dev: torch.device, cfg: TrainConfig, ctx: DistContext
+) -> tuple[torch.device, TrainConfig]:
+    """Under torchrun: GPU ``LOCAL_RANK`` on CUDA; on the CPU the threads shared among the local ranks."""
+    if dev.type == "cuda":
+        return torch.device("cuda", ctx.local_rank), cfg
+    if cfg.num_threads > 0 and ctx.local_world_size > 1:
+        cfg = copy.copy(cfg)
+        cfg.num_threads = max(1, cfg.num_threads // ctx.local_world_size)
+    return dev, cfg
 
 
 def _parent_run(run_dir: Path, dataset: Dataset) -> dict[str, Any]:
@@ -645,6 +691,17 @@ class _Setup:
     shuffle_gen: torch.Generator
     aug_gen: torch.Generator
     extra_config: dict[str, Any]
+    ctx: DistContext = field(default_factory=DistContext)
+    #: the module trained (``model`` wrapped in DistributedDataParallel under torchrun, else ``model``)
+    net: nn.Module | None = None
+    #: spectra per optimiser step on this rank
+    batch_size: int = 0
+    #: under torchrun: shards the training set over the ranks, reshuffled every epoch
+    sampler: torch.utils.data.DistributedSampler[int] | None = None
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.net if self.net is not None else self.model
 
 
 @dataclass
@@ -678,6 +735,28 @@ def _seeded_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
     return torch.Generator().manual_seed(int(seeds[0])), torch.Generator().manual_seed(int(seeds[1]))
 
 
+def _rank_seed(seed: int, rank: int) -> int:
+    """Seed of the dropout and augmentation streams of rank ``rank > 0`` (rank 0 keeps ``seed``'s)."""
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0])
+
+
+def rank_batch_size(batch_size: int, world_size: int) -> int:
+    """Spectra per step on each rank: ``batch_size`` is the global batch, split over the ranks.
+
+    Raises
+    ------
+    ConfigError
+        When fewer than 2 spectra per rank would remain (batch norm needs 2).
+    """
+    per = batch_size // world_size
+    if per < 2:
+        raise ConfigError(
+            f"batch_size {batch_size} over {world_size} processes leaves {per} spectra per process; "
+            "batch norm needs at least 2 (raise batch_size)"
+        )
+    return per
+
+
 def _build_setup(
     *,
     labels: list[str],
@@ -691,8 +770,11 @@ def _build_setup(
     wavelength: np.ndarray,
     parent: dict[str, Any] | None,
     extra_config: dict[str, Any],
+    ctx: DistContext | None = None,
 ) -> _Setup:
-    """Seeded generators, the model (with the parent's weights), optimiser, schedulers and tensors."""
+    """Seeded generators, the model (with the parent's weights), optimiser, schedulers and tensors;
+    under torchrun also the DistributedDataParallel wrapper and the distributed sampler."""
+    ctx = ctx or DistContext()
     # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
     # initialisation and dropout reproducible from the config seed.
     torch.manual_seed(cfg.seed)
@@ -716,10 +798,23 @@ def _build_setup(
             },
         }
     model = model.to(dev)
+    n_train = len(train_np[0])
+    net, sampler, batch_size = None, None, cfg.batch_size
+    steps = _steps_per_epoch(n_train, batch_size)
+    if ctx.enabled:
+        net, sampler, batch_size = _distribute(model, cfg, dev, ctx, n_train, parent is not None)
+        steps = _steps_per_epoch(sampler.num_samples, batch_size)
+        if ctx.rank > 0:  # own dropout masks and augmentations (identical initial weights on all ranks)
+            torch.manual_seed(_rank_seed(cfg.seed, ctx.rank))
+            aug_gen.manual_seed(_rank_seed(cfg.seed + 1, ctx.rank))
     optimizer = _make_optimizer(model, cfg)
-    scheduler = _make_scheduler(optimizer, cfg, _steps_per_epoch(len(train_np[0]), cfg.batch_size))
+    scheduler = _make_scheduler(optimizer, cfg, steps)
     use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "fp16"
     return _Setup(
+        ctx=ctx,
+        net=net,
+        batch_size=batch_size,
+        sampler=sampler,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -734,6 +829,50 @@ def _build_setup(
     )
 
 
+def _distribute(
+    model: nn.Module, cfg: TrainConfig, dev: torch.device, ctx: DistContext, n_train: int, fine_tune: bool
+) -> tuple[nn.Module, torch.utils.data.DistributedSampler[int], int]:
+    """The DistributedDataParallel wrapper, the sampler sharding the training rows, the per-rank batch."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DistributedSampler
+
+    batch_size = rank_batch_size(cfg.batch_size, ctx.world_size)
+    net = DistributedDataParallel(
+        model,
+        device_ids=[dev.index] if dev.type == "cuda" else None,
+        # with freeze_epochs the frozen trunk receives no gradients for a while
+        find_unused_parameters=fine_tune and cfg.freeze_epochs > 0,
+    )
+    shuffle_seed = int(np.random.SeedSequence(cfg.seed).generate_state(1, dtype=np.uint32)[0])
+    sampler = DistributedSampler(
+        range(n_train), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=shuffle_seed
+    )
+    if ctx.is_primary:
+        logger.info(
+            "DistributedDataParallel over %d processes: %d spectra per process and step (global batch %d), "
+            "%d steps per epoch",
+            ctx.world_size,
+            batch_size,
+            batch_size * ctx.world_size,
+            _steps_per_epoch(sampler.num_samples, batch_size),
+        )
+    return net, sampler, batch_size
+
+
+def _epoch_batches(setup: _Setup, epoch: int) -> list[torch.Tensor]:
+    """This rank's shuffled index batches of ``epoch``: the whole training set in one process, its shard
+    of the distributed sampler (reshuffled with ``set_epoch``) under torchrun. Every rank gets the same
+    number of batches; a final batch of a single spectrum is dropped."""
+    if setup.sampler is None:
+        return _batches(len(setup.train_t.X), setup.batch_size or 1, setup.shuffle_gen)
+    setup.sampler.set_epoch(epoch)
+    idx = torch.tensor(list(setup.sampler), dtype=torch.long)
+    out = list(torch.split(idx, setup.batch_size))
+    if len(out) > 1 and len(out[-1]) < 2:
+        out.pop()
+    return out
+
+
 def _restore(setup: _Setup, state: dict[str, Any] | None, dev: torch.device) -> _Progress:
     """Load a checkpoint into the setup (weights, optimiser, schedulers, random streams) and return its
     bookkeeping; a fresh :class:`_Progress` without one."""
@@ -745,11 +884,15 @@ def _restore(setup: _Setup, state: dict[str, Any] | None, dev: torch.device) -> 
         setup.scheduler.load_state_dict(state["scheduler"])
     if state.get("grad_scaler"):
         setup.grad_scaler.load_state_dict(state["grad_scaler"])
-    torch.set_rng_state(state["rng_torch"])
-    if dev.type == "cuda" and "rng_cuda" in state:
-        torch.cuda.set_rng_state(state["rng_cuda"], dev)
+    rng = state
+    ranks = state.get("rank_rng")
+    if setup.ctx.enabled and ranks is not None and len(ranks) == setup.ctx.world_size:
+        rng = ranks[setup.ctx.rank]  # this rank's own dropout and augmentation streams
+    torch.set_rng_state(rng["rng_torch"])
+    if dev.type == "cuda" and "rng_cuda" in rng:
+        torch.cuda.set_rng_state(rng["rng_cuda"], dev)
     setup.shuffle_gen.set_state(state["rng_shuffle"])
-    setup.aug_gen.set_state(state["rng_augment"])
+    setup.aug_gen.set_state(rng["rng_augment"])
     return _Progress(
         history=list(state["history"]),
         best_val=float(state["best_val"]),
@@ -775,7 +918,7 @@ def _train_epoch(
 
     Returns the sum of the batch losses weighted by batch size, and the number of spectra.
     """
-    model, opt, gs, data = setup.model, setup.optimizer, setup.grad_scaler, setup.train_t
+    model, opt, gs, data = setup.trained, setup.optimizer, setup.grad_scaler, setup.train_t
     loss_sum, loss_n = 0.0, 0
     for idx in batches:
         idx_d = idx.to(dev)
@@ -820,10 +963,45 @@ def _validate(
     scaler: LabelScaler,
     labels: list[str],
 ) -> _Validation:
-    """Validation loss, predictions and per-label metrics (physical units) of the current weights."""
-    loss, mu, lv = _evaluate_split(setup.model, setup.val_t, in_channels, cfg, dev)
+    """Validation loss, predictions and per-label metrics (physical units) of the current weights.
+
+    Under torchrun every rank predicts a contiguous share of the validation set (with rank 0's batch-norm
+    statistics) and the shares are gathered, so every rank holds the metrics of the whole set.
+    """
+    ctx = setup.ctx
+    if not ctx.enabled:
+        loss, mu, lv = _evaluate_split(setup.model, setup.val_t, in_channels, cfg, dev)
+    else:
+        _sync_buffers(setup.model)
+        n = len(setup.val_t.X)
+        lo, hi = ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size
+        parts = distributed.all_gather(
+            _evaluate_rows(setup.model, setup.val_t, in_channels, cfg, dev, lo, hi)
+        )
+        loss = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
+        mu, lv = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
     pred = scaler.inverse(mu)
     return _Validation(loss, mu, lv, pred, _label_metrics(setup.val_t.y_phys, pred, labels))
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank: DDP broadcasts them at the start of
+    each training forward, so after an epoch the ranks hold the statistics of their own last batch."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
+
+
+def _reduce_sums(loss_sum: float, loss_n: int, setup: _Setup, dev: torch.device) -> tuple[float, int]:
+    """Training-loss sums of all ranks (the local ones when not distributed)."""
+    if not setup.ctx.enabled:
+        return loss_sum, loss_n
+    import torch.distributed as dist
+
+    t = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return float(t[0]), int(t[1])
 
 
 def _update_best(prog: _Progress, epoch: int, val_loss: float, model: nn.Module, cfg: TrainConfig) -> bool:
@@ -884,6 +1062,10 @@ def _checkpoint(setup: _Setup, prog: _Progress, fingerprint: str, dev: torch.dev
     }
     if dev.type == "cuda":
         ckpt["rng_cuda"] = torch.cuda.get_rng_state(dev)
+    if setup.ctx.enabled:  # every rank's own random streams (a collective: all ranks call this)
+        mine = {k: ckpt[k] for k in ("rng_torch", "rng_augment", "rng_cuda") if k in ckpt}
+        ckpt["rank_rng"] = distributed.all_gather(mine)
+        ckpt["world_size"] = setup.ctx.world_size
     return ckpt
 
 
@@ -968,10 +1150,18 @@ def _train_loop(
     extra_config: dict[str, Any],
     parent: dict[str, Any] | None = None,
     errors: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+    ctx: DistContext | None = None,
 ) -> TrainResult:
     """Build the run (:func:`_build_setup`), restore a checkpoint (:func:`_restore`), run the epochs
     (:func:`_train_epoch`, :func:`_validate`, :func:`_update_best`, :func:`_checkpoint`) and write the
-    saved model (:func:`_finish`)."""
+    saved model (:func:`_finish`).
+
+    Under torchrun (``ctx.enabled``) every rank trains its shard and validates its share; rank 0 alone
+    writes ``metrics.csv``, the plots, the checkpoint and the saved model and runs the callbacks; its
+    decision to stop (early stopping or a callback) is broadcast to the others.
+    """
+    ctx = ctx or DistContext()
+    primary = ctx.is_primary
     setup = _build_setup(
         labels=labels,
         model_config=model_config,
@@ -984,19 +1174,19 @@ def _train_loop(
         wavelength=wavelength,
         parent=parent,
         extra_config=extra_config,
+        ctx=ctx,
     )
     prog = _restore(setup, state, dev)
     if state is not None:
         logger.info("resuming %s after epoch %d", run_dir, prog.epoch)
 
-    tracker = BatchTracker(plot_dir, name) if plot_dir is not None else None
+    tracker = BatchTracker(plot_dir, name) if plot_dir is not None and primary else None
     bar = None
-    if progress and not prog.finished:
+    if progress and not prog.finished and primary:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.epochs, initial=prog.epoch, desc=f"train {name}", unit="epoch")
     in_ch = model_config.in_channels
-    n_train = len(setup.train_t.X)
     val: _Validation | None = None
     try:
         for epoch in range(prog.epoch + 1, cfg.epochs + 1):
@@ -1010,12 +1200,13 @@ def _train_loop(
             use_mse = epoch <= cfg.mse_warmup_epochs
             loss_sum, loss_n = _train_epoch(
                 setup,
-                _batches(n_train, cfg.batch_size, setup.shuffle_gen),
+                _epoch_batches(setup, epoch),
                 cfg=cfg,
                 model_config=model_config,
                 dev=dev,
                 use_mse=use_mse,
             )
+            loss_sum, loss_n = _reduce_sums(loss_sum, loss_n, setup, dev)
             train_loss = loss_sum / max(loss_n, 1)
             val = _validate(setup, cfg, in_ch, dev, scaler, labels)
             if cfg.scheduler == "plateau" and setup.scheduler is not None:
@@ -1035,21 +1226,25 @@ def _train_loop(
             row["memory_mb"] = _memory_mb(dev)
             prog.history.append(row)
             prog.epoch = epoch
-            df = _write_metrics_csv(run_dir / METRICS_FILE, prog.history)
             prog.finished = stop or epoch == cfg.epochs
             prog.stopped_early = stop
-            if tracker is not None and plot_dir is not None:
-                tracker.record(epoch, {k: v for k, v in row.items() if k not in ("epoch", "loss_kind")})
-                if epoch % cfg.plot_every == 0 or prog.finished:
-                    sig = np.exp(0.5 * val.lv) * scaler.std
-                    _refresh_plots(plot_dir, name, df, labels, setup.val_t.y_phys, val.pred, sig, epoch)
-            save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint(setup, prog, fingerprint, dev))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val.loss:.3f}", best=prog.best_epoch)
-            for cb in callbacks:
-                if cb(epoch, dict(row)):
-                    prog.finished = prog.stopped_early = True
+            ckpt = _checkpoint(setup, prog, fingerprint, dev)
+            if primary:
+                df = _write_metrics_csv(run_dir / METRICS_FILE, prog.history)
+                if tracker is not None and plot_dir is not None:
+                    tracker.record(epoch, {k: v for k, v in row.items() if k not in ("epoch", "loss_kind")})
+                    if epoch % cfg.plot_every == 0 or prog.finished:
+                        sig = np.exp(0.5 * val.lv) * scaler.std
+                        _refresh_plots(plot_dir, name, df, labels, setup.val_t.y_phys, val.pred, sig, epoch)
+                save_checkpoint(run_dir / CHECKPOINT_FILE, ckpt)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val.loss:.3f}", best=prog.best_epoch)
+                for cb in callbacks:
+                    if cb(epoch, dict(row)):
+                        prog.finished = prog.stopped_early = True
+            if ctx.enabled:  # rank 0 decides (its callbacks may stop the run)
+                prog.finished, prog.stopped_early = distributed.broadcast((prog.finished, prog.stopped_early))
             if prog.finished:
                 break
     finally:
@@ -1093,12 +1288,65 @@ def _finish(
     validated: bool,
 ) -> TrainResult:
     """Keep the best weights and write the saved model: weights, ``config.json``, the checkpoint marked
-    finished and the final plots (pred-vs-true of the kept weights)."""
+    finished and the final plots (pred-vs-true of the kept weights). Under torchrun rank 0 writes and the
+    other ranks wait for it."""
     if prog.best_state is None:
         raise ConfigError(f"{run_dir}: no epoch was completed")
     model = setup.model
     model.load_state_dict(prog.best_state)
     final_metrics = _best_metrics(prog, setup.val_t, labels)
+    if setup.ctx.is_primary:
+        _write_outputs(
+            setup=setup,
+            prog=prog,
+            run_dir=run_dir,
+            labels=labels,
+            model_config=model_config,
+            cfg=cfg,
+            dev=dev,
+            scaler=scaler,
+            wavelength=wavelength,
+            preprocess_hash=preprocess_hash,
+            hashes=hashes,
+            tracker=tracker,
+            plot_dir=plot_dir,
+            name=name,
+            validated=validated,
+            final_metrics=final_metrics,
+        )
+    distributed.barrier()
+    return TrainResult(
+        run_dir=run_dir,
+        best_epoch=prog.best_epoch,
+        best_val_loss=prog.best_val,
+        epochs_run=len(prog.history),
+        stopped_early=prog.stopped_early,
+        history=pd.DataFrame(prog.history),
+        final_metrics=final_metrics,
+    )
+
+
+def _write_outputs(
+    *,
+    setup: _Setup,
+    prog: _Progress,
+    run_dir: Path,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    dev: torch.device,
+    scaler: LabelScaler,
+    wavelength: np.ndarray,
+    preprocess_hash: str,
+    hashes: dict[str, str],
+    tracker: BatchTracker | None,
+    plot_dir: Path | None,
+    name: str,
+    validated: bool,
+    final_metrics: dict[str, dict[str, float]],
+) -> None:
+    """Weights, ``config.json``, the finished checkpoint and the final plots of the kept weights."""
+    model = setup.model
     save_weights(run_dir / WEIGHTS_FILE, model)
     config = _saved_config(
         setup=setup,
@@ -1130,15 +1378,6 @@ def _finish(
                 prog.best_epoch,
                 which="best epoch",
             )
-    return TrainResult(
-        run_dir=run_dir,
-        best_epoch=prog.best_epoch,
-        best_val_loss=prog.best_val,
-        epochs_run=len(prog.history),
-        stopped_early=prog.stopped_early,
-        history=pd.DataFrame(prog.history),
-        final_metrics=final_metrics,
-    )
 
 
 def train_ensemble(
