@@ -180,6 +180,9 @@ def predict_cmd(
         path = ws.resolve(data_path or processed / "prediction_dataset.npz")
         inputs = PredictionInputs.from_dataset(load_dataset(path))
         settings.update(input=str(path))
+    from .progress import SpectraProgress
+
+    progress = SpectraProgress(int(inputs.ok.sum()), "predict")  # spectra, spectra/s, ETA
     summary = run_prediction(
         predictor,
         inputs,
@@ -195,7 +198,9 @@ def predict_cmd(
         plots=not no_plots,
         extra={"settings": settings},
         extra_files={"resolved_config.toml": "# resolved specabund configuration\n" + dumps(cfg)},
+        progress=progress.update,
     )
+    progress.close()
     click.echo(
         f"predicted {summary['n_predicted']} of {summary['n_input']} spectra "
         f"({', '.join(summary['labels'])}) -> {out / 'predictions.csv'}"

@@ -42,7 +42,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,7 @@ def run_prediction(
     plots: bool = True,
     extra: dict[str, Any] | None = None,
     extra_files: Mapping[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every ``ok`` row of ``inputs`` and write the catalogue and reports (module docstring).
 
@@ -174,6 +175,9 @@ def run_prediction(
     extra_files : mapping of str to str, optional
         Further text files of the run (name -> content, e.g. ``resolved_config.toml``), committed together
         with the catalogue.
+    progress : callable, optional
+        ``progress(n)`` after every batch: ``n`` more spectra predicted (the calls add up to the number of
+        ``ok`` rows); e.g. a progress bar's ``update``.
 
     Returns
     -------
@@ -222,6 +226,7 @@ def run_prediction(
             batch_size=batch_size,
             seed=_chunk_seed(seed, k),
             ensemble_mode=ensemble_mode,
+            progress=progress,
         )
         t_pred += time.perf_counter() - t1
         pred = raw.scaled(scale)
