@@ -7,6 +7,13 @@ restores the caller's global RNG state afterwards; the global state used during 
 checkpoint, so a resumed run continues the identical random sequence. On the CPU two runs with the same
 config, data and thread count give bit-identical weights; on CUDA ``deterministic=True`` asks torch for
 deterministic kernels (``warn_only``) for the duration of the call.
+
+Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) :func:`train` trains with
+DistributedDataParallel (see :mod:`specabund.training.distributed`): ``batch_size`` is the global batch,
+split over the processes, each taking its shard of a ``DistributedSampler``; validation is split and
+gathered; rank 0 alone writes and decides when to stop. Every process must be given the same data and run
+folder. Ranks other than 0 use their own dropout and augmentation streams, all saved in the checkpoint, so a
+resumed distributed run (with the same number of processes) equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -503,6 +510,9 @@ def train(
         output layer), the label standardisation is refitted on the new labels, and
         ``train_config.freeze_epochs`` first epochs train only the head. ``config.json`` records the
         parent (``init_from``: folder, labels, weights hash).
+
+    Under ``torchrun`` every process calls this with the same arguments (module docstring); rank 0 writes
+    the outputs and the callbacks run on rank 0 only (their request to stop is passed to every rank).
 
     Returns
     -------
@@ -1431,14 +1441,16 @@ def train_ensemble(
         members.append(sub)
     from ..utils import atomic_write_json
 
-    atomic_write_json(
-        run_dir / ENSEMBLE_FILE,
-        {
-            "n_members": n_members,
-            "members": members,
-            "seeds": [train_config.seed + k for k in range(n_members)],
-        },
-    )
+    if distributed.is_primary():
+        atomic_write_json(
+            run_dir / ENSEMBLE_FILE,
+            {
+                "n_members": n_members,
+                "members": members,
+                "seeds": [train_config.seed + k for k in range(n_members)],
+            },
+        )
+    distributed.barrier()
     return results
 
 
