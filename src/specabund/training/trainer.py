@@ -363,7 +363,6 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def _evaluate_rows(
     model: nn.Module,
     data: _Tensors,
