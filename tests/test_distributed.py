@@ -5,6 +5,7 @@ Each test launches real processes with ``python -m torch.distributed.run --stand
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from helpers import simulated_workdir
 from specabund.cli import main
 from specabund.dataset import load_dataset
 from specabund.errors import ConfigError
-from specabund.training import load_model, train
+from specabund.training import LabelScaler, load_model, train
 from specabund.training.distributed import env_context
 
 TESTS = Path(__file__).parent
@@ -136,3 +137,17 @@ def test_torchrun_resume_is_exact(tmp_path: Path) -> None:
         pd.read_csv(tmp_path / "part" / "metrics.csv").drop(columns=drop),
         check_exact=True,
     )
+
+
+def test_torchrun_accepts_a_training_set_already_sharded(tmp_path: Path) -> None:
+    from ddp_worker import LABELS, make_synthetic
+
+    p = _torchrun(str(TESTS / "ddp_worker.py"), "sharded", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "training data sharded by the caller" in p.stderr
+    config = json.loads((tmp_path / "sharded" / "config.json").read_text())
+    tr = make_synthetic(n=240, missing_frac=0.1).split_subset("train")
+    y = tr.y[:, [tr.elements.index(lab) for lab in LABELS]]
+    full = LabelScaler.fit(y[np.isfinite(y).any(axis=1)], LABELS)  # the scaler of all shards together
+    assert config["n_train"] == len(tr) and config["epochs_run"] == 2
+    np.testing.assert_allclose(config["label_mean"], full.mean, rtol=1e-6)

@@ -467,6 +467,7 @@ def train(
     name: str | None = None,
     extra_config: Mapping[str, Any] | None = None,
     init_from: str | Path | None = None,
+    train_sharded: bool = False,
 ) -> TrainResult:
     """Train a network and save it as a run folder (see :mod:`specabund.training.saved`).
 
@@ -509,6 +510,13 @@ def train(
         output layer), the label standardisation is refitted on the new labels, and
         ``train_config.freeze_epochs`` first epochs train only the head. ``config.json`` records the
         parent (``init_from``: folder, labels, weights hash).
+
+    train_sharded : bool
+        Under torchrun: ``dataset_train`` is already this process's own shard (e.g. read by rank from a
+        store) rather than the whole training set; it is then used as it is instead of through a
+        ``DistributedSampler``. The label standardisation, label range and data hash are those of all
+        shards together; every epoch takes as many steps as the smallest shard allows. Ignored without
+        torchrun.
 
     Under ``torchrun`` every process calls this with the same arguments (module docstring); rank 0 writes
     the outputs and the callbacks run on rank 0 only (their request to stop is passed to every rank).
@@ -560,6 +568,10 @@ def train(
         ev = _label_errors(dataset_val, labels, "validation")
         if et is not None:
             hashes["train_label_err_hash"] = data_hash(et[:, :1], et[:, :1], et)
+    train_labels = None
+    train_sharded = train_sharded and ctx.enabled
+    if train_sharded:
+        scaler, hashes, train_labels = _combine_shards(yt, hashes, labels)
     if parent is not None:
         hashes["init_from_weights"] = parent["weights_sha256"]
     fingerprint = _fingerprint(model_config, cfg, labels, hashes, ctx.world_size)
@@ -605,7 +617,19 @@ def train(
             extra_config=dict(extra_config or {}),
             parent=parent,
             ctx=ctx,
+            train_labels=train_labels,
         )
+
+
+def _combine_shards(
+    y: np.ndarray, hashes: dict[str, str], labels: list[str]
+) -> tuple[LabelScaler, dict[str, str], np.ndarray]:
+    """Label standardisation, data hashes and labels of the whole training set from every rank's shard."""
+    parts = distributed.all_gather((y, hashes))
+    y_all = np.concatenate([p[0] for p in parts])
+    keys = sorted({k for _, h in parts for k in h})
+    combined = {k: hash_json([h.get(k) for _, h in parts]) for k in keys}
+    return LabelScaler.fit(y_all, labels), combined, y_all.astype(np.float64)
 
 
 def _rank_device_and_threads(
@@ -707,6 +731,14 @@ class _Setup:
     batch_size: int = 0
     #: under torchrun: shards the training set over the ranks, reshuffled every epoch
     sampler: torch.utils.data.DistributedSampler[int] | None = None
+    #: steps per epoch when the ranks hold shards of different sizes (0: all batches)
+    max_steps: int = 0
+    #: physical labels of the whole training set when ``train_t`` holds only this rank's shard
+    train_labels: np.ndarray | None = None
+
+    @property
+    def all_train_y(self) -> np.ndarray:
+        return self.train_labels if self.train_labels is not None else self.train_t.y_phys
 
     @property
     def trained(self) -> nn.Module:
@@ -780,6 +812,7 @@ def _build_setup(
     parent: dict[str, Any] | None,
     extra_config: dict[str, Any],
     ctx: DistContext | None = None,
+    train_labels: np.ndarray | None = None,
 ) -> _Setup:
     """Seeded generators, the model (with the parent's weights), optimiser, schedulers and tensors;
     under torchrun also the DistributedDataParallel wrapper and the distributed sampler."""
@@ -810,12 +843,18 @@ def _build_setup(
     n_train = len(train_np[0])
     net, sampler, batch_size = None, None, cfg.batch_size
     steps = _steps_per_epoch(n_train, batch_size)
+    max_steps = 0
     if ctx.enabled:
-        net, sampler, batch_size = _distribute(model, cfg, dev, ctx, n_train, parent is not None)
-        steps = _steps_per_epoch(sampler.num_samples, batch_size)
+        sharded = train_labels is not None
+        net, sampler, batch_size = _distribute(model, cfg, dev, ctx, n_train, parent is not None, sharded)
+        if sampler is not None:
+            steps = _steps_per_epoch(sampler.num_samples, batch_size)
+        else:  # own shard: every rank must take the same number of steps
+            steps = max_steps = min(distributed.all_gather(_steps_per_epoch(n_train, batch_size)))
         if ctx.rank > 0:  # own dropout masks and augmentations (identical initial weights on all ranks)
             torch.manual_seed(_rank_seed(cfg.seed, ctx.rank))
             aug_gen.manual_seed(_rank_seed(cfg.seed + 1, ctx.rank))
+            shuffle_gen.manual_seed(_rank_seed(cfg.seed + 2, ctx.rank))
     optimizer = _make_optimizer(model, cfg)
     scheduler = _make_scheduler(optimizer, cfg, steps)
     use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "fp16"
@@ -824,6 +863,8 @@ def _build_setup(
         net=net,
         batch_size=batch_size,
         sampler=sampler,
+        max_steps=max_steps,
+        train_labels=train_labels,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -839,9 +880,16 @@ def _build_setup(
 
 
 def _distribute(
-    model: nn.Module, cfg: TrainConfig, dev: torch.device, ctx: DistContext, n_train: int, fine_tune: bool
-) -> tuple[nn.Module, torch.utils.data.DistributedSampler[int], int]:
-    """The DistributedDataParallel wrapper, the sampler sharding the training rows, the per-rank batch."""
+    model: nn.Module,
+    cfg: TrainConfig,
+    dev: torch.device,
+    ctx: DistContext,
+    n_train: int,
+    fine_tune: bool,
+    sharded: bool = False,
+) -> tuple[nn.Module, torch.utils.data.DistributedSampler[int] | None, int]:
+    """The DistributedDataParallel wrapper, the sampler sharding the training rows (none when the data are
+    already this rank's shard), the per-rank batch."""
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DistributedSampler
 
@@ -853,17 +901,21 @@ def _distribute(
         find_unused_parameters=fine_tune and cfg.freeze_epochs > 0,
     )
     shuffle_seed = int(np.random.SeedSequence(cfg.seed).generate_state(1, dtype=np.uint32)[0])
-    sampler = DistributedSampler(
-        range(n_train), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=shuffle_seed
-    )
+    sampler = None
+    if not sharded:
+        sampler = DistributedSampler(
+            range(n_train), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=shuffle_seed
+        )
     if ctx.is_primary:
         logger.info(
             "DistributedDataParallel over %d processes: %d spectra per process and step (global batch %d), "
-            "%d steps per epoch",
+            "%s",
             ctx.world_size,
             batch_size,
             batch_size * ctx.world_size,
-            _steps_per_epoch(sampler.num_samples, batch_size),
+            f"{_steps_per_epoch(sampler.num_samples, batch_size)} steps per epoch"
+            if sampler is not None
+            else "training data sharded by the caller",
         )
     return net, sampler, batch_size
 
@@ -873,7 +925,8 @@ def _epoch_batches(setup: _Setup, epoch: int) -> list[torch.Tensor]:
     of the distributed sampler (reshuffled with ``set_epoch``) under torchrun. Every rank gets the same
     number of batches; a final batch of a single spectrum is dropped."""
     if setup.sampler is None:
-        return _batches(len(setup.train_t.X), setup.batch_size or 1, setup.shuffle_gen)
+        out = _batches(len(setup.train_t.X), setup.batch_size or 1, setup.shuffle_gen)
+        return out[: setup.max_steps] if setup.max_steps else out
     setup.sampler.set_epoch(epoch)
     idx = torch.tensor(list(setup.sampler), dtype=torch.long)
     out = list(torch.split(idx, setup.batch_size))
@@ -900,7 +953,7 @@ def _restore(setup: _Setup, state: dict[str, Any] | None, dev: torch.device) -> 
     torch.set_rng_state(rng["rng_torch"])
     if dev.type == "cuda" and "rng_cuda" in rng:
         torch.cuda.set_rng_state(rng["rng_cuda"], dev)
-    setup.shuffle_gen.set_state(state["rng_shuffle"])
+    setup.shuffle_gen.set_state(rng.get("rng_shuffle", state["rng_shuffle"]))
     setup.aug_gen.set_state(rng["rng_augment"])
     return _Progress(
         history=list(state["history"]),
@@ -1072,7 +1125,7 @@ def _checkpoint(setup: _Setup, prog: _Progress, fingerprint: str, dev: torch.dev
     if dev.type == "cuda":
         ckpt["rng_cuda"] = torch.cuda.get_rng_state(dev)
     if setup.ctx.enabled:  # every rank's own random streams (a collective: all ranks call this)
-        mine = {k: ckpt[k] for k in ("rng_torch", "rng_augment", "rng_cuda") if k in ckpt}
+        mine = {k: ckpt[k] for k in ("rng_torch", "rng_shuffle", "rng_augment", "rng_cuda") if k in ckpt}
         ckpt["rank_rng"] = distributed.all_gather(mine)
         ckpt["world_size"] = setup.ctx.world_size
     return ckpt
@@ -1092,7 +1145,7 @@ def _saved_config(
     final_metrics: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
     """The content of ``config.json``."""
-    y_phys = setup.train_t.y_phys
+    y_phys = setup.all_train_y
     return {
         "format_version": 1,
         "specabund_version": __version__,
@@ -1105,7 +1158,7 @@ def _saved_config(
         "wavelength": grid_info(wavelength),
         "preprocess_hash": str(preprocess_hash),
         **hashes,
-        "n_train": len(setup.train_t.X),
+        "n_train": len(y_phys),
         "n_val": len(setup.val_t.X),
         "best_epoch": prog.best_epoch,
         "best_val_loss": prog.best_val,
@@ -1160,6 +1213,7 @@ def _train_loop(
     parent: dict[str, Any] | None = None,
     errors: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
     ctx: DistContext | None = None,
+    train_labels: np.ndarray | None = None,
 ) -> TrainResult:
     """Build the run (:func:`_build_setup`), restore a checkpoint (:func:`_restore`), run the epochs
     (:func:`_train_epoch`, :func:`_validate`, :func:`_update_best`, :func:`_checkpoint`) and write the
@@ -1184,6 +1238,7 @@ def _train_loop(
         parent=parent,
         extra_config=extra_config,
         ctx=ctx,
+        train_labels=train_labels,
     )
     prog = _restore(setup, state, dev)
     if state is not None:
@@ -1404,6 +1459,7 @@ def train_ensemble(
     overwrite: bool = False,
     name: str | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    train_sharded: bool = False,
 ) -> list[TrainResult]:
     """Train ``n_members`` networks with seeds ``seed + k`` in ``run_dir/member_<k>``.
 
@@ -1435,6 +1491,7 @@ def train_ensemble(
                 overwrite=overwrite,
                 name=name,
                 extra_config=extra_config,
+                train_sharded=train_sharded,
             )
         )
         members.append(sub)
