@@ -114,18 +114,11 @@ def test_torchrun_resume_is_exact(tmp_path: Path) -> None:
     from ddp_worker import LABELS, default_config, make_synthetic, small_config
 
     data = make_synthetic(n=240, missing_frac=0.1)
+    tr, va = data.split_subset("train"), data.split_subset("val")
+    mcfg = default_config("rescnn_small", dropout=0.1, head_dropout=0.1)
+    tcfg = small_config(epochs=3, batch_size=16)
     with pytest.raises(ConfigError, match="2 process"):
-        mcfg = default_config("rescnn_small", dropout=0.1, head_dropout=0.1)
-        tcfg = small_config(epochs=3, batch_size=16)
-        train(
-            data.split_subset("train"),
-            data.split_subset("val"),
-            LABELS,
-            mcfg,
-            tcfg,
-            tmp_path / "part",
-            resume=True,
-        )
+        train(tr, va, LABELS, mcfg, tcfg, tmp_path / "part", resume=True)
     p = _torchrun(str(TESTS / "ddp_worker.py"), "resume", str(tmp_path))
     assert p.returncode == 0, p.stderr[-4000:]
     assert (tmp_path / "full" / "model.safetensors").read_bytes() == (
@@ -137,6 +130,10 @@ def test_torchrun_resume_is_exact(tmp_path: Path) -> None:
         pd.read_csv(tmp_path / "part" / "metrics.csv").drop(columns=drop),
         check_exact=True,
     )
+    # a finished distributed run is returned as it is by a single process
+    weights = (tmp_path / "part" / "model.safetensors").read_bytes()
+    again = train(tr, va, LABELS, mcfg, tcfg, tmp_path / "part", resume=True)
+    assert again.epochs_run == 3 and (tmp_path / "part" / "model.safetensors").read_bytes() == weights
 
 
 def test_torchrun_accepts_a_training_set_already_sharded(tmp_path: Path) -> None:

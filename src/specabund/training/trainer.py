@@ -585,7 +585,11 @@ def train(
                 f"{run_dir}: cannot resume, the run was trained by {state.get('world_size', 1)} process(es) "
                 f"and this launch has {ctx.world_size}; resume with the same --nproc-per-node"
             )
-        if state.get("fingerprint") != fingerprint:
+        expected = fingerprint
+        if state.get("finished") and int(state.get("world_size", 1)) != ctx.world_size:
+            # a finished run is returned as it is, whatever number of processes trained it
+            expected = _fingerprint(model_config, cfg, labels, hashes, int(state.get("world_size", 1)))
+        if state.get("fingerprint") != expected:
             raise ConfigError(
                 f"{run_dir}: cannot resume, the checkpoint was made with a different configuration, label "
                 "set or data; use another run folder or overwrite"
