@@ -20,7 +20,6 @@ redo one).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import build_configs, default_sections
 from train import _preprocess, _simulate
 
 THREADS = 2
@@ -94,13 +94,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
 
 
 def _configs(baseline: str, variant: str, epochs: int) -> tuple[Any, Any]:
-    from specabund.config import load_config
-    from specabund.models.registry import default_config
-    from specabund.training.trainer import TrainConfig
-
-    cfg = load_config(None)
-    m = dict(cfg["model"])
-    t = {k: v for k, v in cfg["training"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    m, t = default_sections()
     aug = dict(t.pop("augment", {}) or {})
     if baseline == "old":
         m.update(OLD_MODEL)
@@ -113,12 +107,11 @@ def _configs(baseline: str, variant: str, epochs: int) -> tuple[Any, Any]:
     aug.update(ao)
     t.update(device="cpu", num_threads=THREADS, epochs=epochs, early_stopping=0, plot_every=10**6)
     t["augment"] = aug
-    model_cfg = default_config(m.pop("name", "rescnn"), **m)
-    return model_cfg, TrainConfig.from_dict(t)
+    return build_configs(m, t)
 
 
 def _bounds(sim: Path, te: Any, cache: Path) -> np.ndarray:
-    from specabund.crb import cramer_rao_bounds, load_truth
+    from specabund.evaluation.crb import cramer_rao_bounds, load_truth
 
     path = cache / f"crb_{sim.name}_{len(te)}.npy"
     if path.exists():

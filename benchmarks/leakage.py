@@ -25,7 +25,6 @@ correlation between the importance spectra of every pair of labels (target < 0.7
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import shutil
 import sys
@@ -38,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import build_configs, default_sections
+from ablation import _bounds
 from train import _preprocess, _simulate
 
 ABUNDANCES = ("C_FE", "MG_FE", "CA_FE")
@@ -65,22 +66,20 @@ def _permuted_set(n: int, seed: int, cache: Path, threads: int) -> Any:
 
 
 def _train(args: argparse.Namespace, tr: Any, va: Any) -> Path:
-    from specabund.config import load_config
-    from specabund.models.registry import default_config
     from specabund.training import train
-    from specabund.training.trainer import TrainConfig
 
     if args.model_dir is not None:
         return args.model_dir
-    cfg = load_config(None)
-    m = dict(cfg["model"])
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    t = {k: v for k, v in cfg["training"].items() if k in fields}
+    m, t = default_sections()
     t.update(device="cpu", num_threads=args.threads, epochs=args.epochs, plot_every=10**6)
-    run = args.cache_dir / f"leak_run_e{args.epochs}"
+    if args.swap_prob is not None:
+        t["augment"] = {**t.get("augment", {}), "swap_prob": args.swap_prob}
+    model_cfg, train_cfg = build_configs(m, t)
+    tag = "" if args.swap_prob is None else f"_swap{args.swap_prob:g}"
+    run = args.cache_dir / f"leak_run_e{args.epochs}{tag}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    train(tr, va, list(LABELS), default_config(m.pop("name", "rescnn"), **m), TrainConfig.from_dict(t), run)
+    train(tr, va, list(LABELS), model_cfg, train_cfg, run)
     print(f"trained in {time.perf_counter() - t0:.0f} s -> {run}")
     return run
 
@@ -115,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=5000, help="training simulation (train.py's data when 5000)")
     ap.add_argument("--n-perm", type=int, default=1000, help="spectra of the permuted test set")
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument(
+        "--swap-prob", type=float, default=None, help="abundance-swap augmentation (default: the config's)"
+    )
     ap.add_argument("--model-dir", type=Path, default=None, help="use this trained run instead of training")
     ap.add_argument("--snr-min", type=float, default=50.0)
     ap.add_argument("--n-importance", type=int, default=64, help="spectra for the importance spectra")
@@ -165,6 +167,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{lab:>6} {g:8.4f} {p:9.4f} {p / g:9.2f} {lg:7.4f} {lp:8.4f} {g / lg:11.2f} {spread:9.4f} "
             f"{ex.own_fraction:9.3f} {ex.enrichment:7.2f}"
         )
+    bounds = _bounds(sim, te, args.cache_dir)
+    print("\nGalactic test split: RMSE by SNR and the ratio to the median Cramer-Rao bound at SNR > 50")
+    print(f"{'label':>6} {'SNR<20':>8} {'SNR>100':>8} {'>100/<20':>9} {'>50':>8} {'CRB>50':>8} {'x CRB':>6}")
+    for lab in LABELS:
+        j = model.labels.index(lab)
+        y = te.y[:, te.elements.index(lab)]
+        r = preds["galactic"][:, j] - y
+        ok = np.isfinite(r)
+        lo, hi, vhi = ok & (te.snr < 20), ok & (te.snr > 50), ok & (te.snr > 100)
+        e_lo, e_hi, e_vhi = (float(np.sqrt(np.mean(r[m] ** 2))) for m in (lo, hi, vhi))
+        crb = float(np.median(bounds[hi, LABELS.index(lab)]))
+        ratio = e_vhi / e_lo
+        print(f"{lab:>6} {e_lo:8.4f} {e_vhi:8.4f} {ratio:9.2f} {e_hi:8.4f} {crb:8.4f} {e_hi / crb:6.2f}")
     print("\nPearson r of the importance spectra")
     for a, b in itertools.combinations(ABUNDANCES, 2):
         print(f"  {a} - {b}: {np.corrcoef(imp[a], imp[b])[0, 1]:.3f}")

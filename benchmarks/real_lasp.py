@@ -23,7 +23,6 @@ printed next to LASP's, since a collapsed label (predictions near the mean) hide
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import configs
 from train import _preprocess, _simulate
 
 LABELS = ("TEFF", "LOGG", "FE_H")
@@ -42,16 +42,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "lamost" / "d
 
 
 def _configs(epochs: int, threads: int, **train_overrides: Any) -> tuple[Any, Any]:
-    from specabund.config import load_config
-    from specabund.models.registry import default_config
-    from specabund.training.trainer import TrainConfig
-
-    cfg = load_config(None)
-    m = dict(cfg["model"])
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    t = {k: v for k, v in cfg["training"].items() if k in fields}
-    t.update(device="cpu", num_threads=threads, epochs=epochs, plot_every=10**6, **train_overrides)
-    return default_config(m.pop("name", "rescnn"), **m), TrainConfig.from_dict(t)
+    return configs(device="cpu", num_threads=threads, epochs=epochs, plot_every=10**6, **train_overrides)
 
 
 def _real_dataset(cache: Path, threads: int) -> Any:

@@ -7,8 +7,8 @@ Simulates N LAMOST spectra (SNR 10-200, default ``simulate_dataset`` settings) a
 
 * time per epoch and the training time to early stop;
 * test-set RMSE per label, overall and at SNR > 50;
-* the median Cramer-Rao bound at SNR > 50 (``specabund.crb``, marginalised over every simulator label)
-  and the ratio RMSE / median bound, against the issue's targets ([Mg/Fe], [Ca/Fe] <= 0.04 dex,
+* the median Cramer-Rao bound at SNR > 50 (``specabund.evaluation.crb``, marginalised over every simulator
+  label) and the ratio RMSE / median bound, against the issue's targets ([Mg/Fe], [Ca/Fe] <= 0.04 dex,
   [C/Fe] <= 0.06 dex, ratio < 2; meant for the full N = 5000 run);
 * inference speed (spectra per second, one pass over the test set on the CPU).
 
@@ -20,7 +20,6 @@ Simulates N LAMOST spectra (SNR 10-200, default ``simulate_dataset`` settings) a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import build_configs, default_sections
 
 DEFAULT_LABELS = ("C_FE", "MG_FE", "CA_FE", "TEFF", "LOGG", "FE_H")
 TARGETS = {"MG_FE": 0.04, "CA_FE": 0.04, "C_FE": 0.06}
@@ -70,25 +70,13 @@ def _preprocess(sim: Path, elements: list[str], cache: Path) -> Path:
 
 
 def _configs(epochs_cap: int | None, early_stopping: int | None) -> tuple[object, object]:
-    from specabund.config import load_config
-    from specabund.models.registry import default_config
-    from specabund.training.trainer import TrainConfig
-
-    cfg = load_config(None)
-    m = dict(cfg["model"])
-    model_cfg = default_config(m.pop("name", "rescnn"), **m)
-    t = dict(cfg["training"])
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    ignored = sorted(set(t) - known)
-    if ignored:
-        print(f"[training] keys not for TrainConfig (ignored here): {ignored}")
-    t = {k: v for k, v in t.items() if k in known}
+    m, t = default_sections(report_ignored=True)
     t.update(device="cpu", num_threads=THREADS)
     if epochs_cap is not None:
         t["epochs"] = min(int(t.get("epochs", epochs_cap)), epochs_cap)
     if early_stopping is not None:
         t["early_stopping"] = early_stopping
-    return model_cfg, TrainConfig.from_dict(t)
+    return build_configs(m, t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n or (600 if args.quick else 5000)
     epochs = args.epochs if args.epochs is not None else (6 if args.quick else None)
 
-    from specabund.crb import cramer_rao_bounds, information_limit_table, load_truth
     from specabund.dataset import load_dataset
     from specabund.elements import STELLAR_PARAMETERS, normalize_label
+    from specabund.evaluation.crb import cramer_rao_bounds, information_limit_table, load_truth
     from specabund.training import load_model, train
 
     torch.set_num_threads(THREADS)

@@ -27,7 +27,6 @@ from click.testing import CliRunner
 from specabund.analysis import (
     ImportanceSettings,
     LabelMean,
-    element_of_label,
     explain_importance,
     integrated_gradients,
     occlusion,
@@ -40,10 +39,12 @@ from specabund.analysis.importance import AttributionStats, agreement
 from specabund.cli import analyze as _analyze_cli  # noqa: F401  (registers the commands)
 from specabund.cli import main
 from specabund.dataset import Dataset, save_dataset
+from specabund.elements import element_of_label
 from specabund.errors import DataMismatchError
+from specabund.lines import load_linelist
 from specabund.metrics import regression_metrics
 from specabund.models import default_config
-from specabund.simulate import draw_labels, load_linelist, normalized_model_flux
+from specabund.simulate import draw_labels, normalized_model_flux
 from specabund.training import AugmentConfig, LoadedModel, TrainConfig, load_model, train
 
 LABELS = ["MG_FE", "CA_FE"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from specabund.baselines import (
+    BASELINES,
     COMPARISON_COLUMNS,
     BoostingConfig,
     BoostingRegressor,
@@ -17,12 +19,12 @@ from specabund.baselines import (
     CannonSettings,
     PCAReducer,
     RegionalCannon,
+    RunContext,
+    baseline_kind,
     batch_results_dir,
     cannon_label_names,
     comparison_figure,
-    fill_bad_pixels,
     load_baseline,
-    predict_baseline,
     read_comparison,
     resolve_models,
     run_baseline,
@@ -35,6 +37,7 @@ from specabund.baselines.regional import auto_n_regions
 from specabund.dataset import Dataset
 from specabund.errors import ConfigError, DataMismatchError
 from specabund.metrics import snr_bin_labels
+from specabund.utils import fill_bad_pixels
 
 FAST = BoostingConfig(
     n_components=24, learning_rate=0.1, n_rounds=400, rounds_per_batch=80, early_stopping_rounds=30
@@ -110,7 +113,7 @@ def test_baseline_learns_well_below_label_scatter(
 def test_cannon_fits_labels_jointly(ds: Dataset, full_run: tuple[Path, dict]) -> None:
     out, res = full_run
     assert res["cannon"]["labels"] == ["TEFF", "LOGG", "FE_H", "C_FE"]
-    model = load_baseline(out, "C_FE", "cannon")
+    model = load_baseline(out, "C_FE", "cannon").model
     assert isinstance(model, RegionalCannon)  # the default: cubic models per region of Teff/logg/[Fe/H]
     n_train = int(((ds.split == 0) & np.isfinite(ds.y[:, 0])).sum())
     assert model.order == 3 and model.prior and len(model.regions) == auto_n_regions(n_train) > 1
@@ -156,7 +159,7 @@ def test_saved_model_reloads_with_identical_predictions(
     with np.load(folder / "batch_1" / "test_predictions.npz", allow_pickle=False) as z:
         idx, saved = z["index"], z["y_pred"]
     loaded = load_baseline(out, "C_FE", model, n_threads=1)
-    again = predict_baseline(loaded, ds.X[idx], ds.ivar[idx], "C_FE")
+    again = loaded.predict(ds.X[idx], ds.ivar[idx])
     np.testing.assert_array_equal(again, saved)
     assert not list(folder.glob("models/*.pkl")) and not list(folder.glob("models/*.pickle"))
 
@@ -179,7 +182,7 @@ def _resume_vs_straight(
 
 def test_regional_cannon_resume_is_exact(ds: Dataset, tmp_path: Path) -> None:
     a, b, r2, straight = _resume_vs_straight(ds, tmp_path, "cannon", first=2)
-    ma, mb = load_baseline(a, "C_FE", "cannon"), load_baseline(b, "C_FE", "cannon")
+    ma, mb = load_baseline(a, "C_FE", "cannon").model, load_baseline(b, "C_FE", "cannon").model
     assert isinstance(ma, RegionalCannon) and isinstance(mb, RegionalCannon)
     np.testing.assert_array_equal(ma.centroids, mb.centroids)
     for ra, rb in zip([ma.finder, *ma.regions], [mb.finder, *mb.regions], strict=True):
@@ -201,7 +204,7 @@ def test_regional_cannon_resume_is_exact(ds: Dataset, tmp_path: Path) -> None:
 def test_single_cannon_resume_is_exact(ds: Dataset, tmp_path: Path) -> None:
     classic = CannonSettings(order=2, regions=1, prior=False)
     a, b, r2, straight = _resume_vs_straight(ds, tmp_path, "cannon", first=2, cannon=classic)
-    ma, mb = load_baseline(a, "C_FE", "cannon"), load_baseline(b, "C_FE", "cannon")
+    ma, mb = load_baseline(a, "C_FE", "cannon").model, load_baseline(b, "C_FE", "cannon").model
     assert isinstance(ma, CannonModel) and isinstance(mb, CannonModel)
     assert ma.order == 2 and not ma.prior
     np.testing.assert_array_equal(ma.theta, mb.theta)
@@ -226,8 +229,8 @@ def test_boosting_resume_matches_straight_run(ds: Dataset, tmp_path: Path, model
     np.testing.assert_array_equal(ta["n_trees"], tb["n_trees"])
     assert ta["n_trees"].is_monotonic_increasing
     te = ds.split == 2
-    pa = predict_baseline(load_baseline(a, "C_FE", model), ds.X[te], ds.ivar[te], "C_FE")
-    pb = predict_baseline(load_baseline(b, "C_FE", model), ds.X[te], ds.ivar[te], "C_FE")
+    pa = load_baseline(a, "C_FE", model).predict(ds.X[te], ds.ivar[te])
+    pb = load_baseline(b, "C_FE", model).predict(ds.X[te], ds.ivar[te])
     np.testing.assert_allclose(pa, pb, rtol=0, atol=1e-6)
     assert r2["test"]["all"]["rmse"] < 0.5 * _label_std(ds, "C_FE")
 
@@ -409,3 +412,67 @@ def test_censoring_improves_abundances_on_simulated_spectra() -> None:
             rmse[el, key] = float(np.sqrt(np.mean((pred - lte[el].to_numpy()) ** 2)))
         assert rmse[el, "censored"] < (0.6 if el == "MG_FE" else 0.5) * std, (el, rmse, std)
     assert rmse["MG_FE", "censored"] < rmse["MG_FE", "free"], rmse
+
+
+# ---------------------------------------------------------------------------------- the baseline protocol
+
+
+class _MeanBaseline:
+    """The training mean of the target: the smallest baseline the protocol allows."""
+
+    def __init__(self, mean: float = float("nan")) -> None:
+        self.mean = mean
+        self.model = self
+
+    def fit(self, X, ivar, labels, validation) -> None:
+        self.mean = float(np.nanmean(labels[:, -1]))
+
+    def predict(self, X, ivar) -> np.ndarray:
+        return np.full(len(X), self.mean)
+
+    def save(self, folder: Path, name: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps({"mean": self.mean}))
+
+    def batch_info(self) -> dict:
+        return {}
+
+
+class _MeanKind:
+    name = "mean"
+
+    def label_names(self, dataset: Dataset, element: str) -> list[str]:
+        return [element]
+
+    def input_names(self, dataset: Dataset, element: str) -> None:
+        return None
+
+    def settings(self, ctx: RunContext) -> dict:
+        return {}
+
+    def new(self, ctx: RunContext) -> _MeanBaseline:
+        return _MeanBaseline()
+
+    def load(self, folder: Path, name: str, element: str, *_: object) -> _MeanBaseline:
+        return _MeanBaseline(json.loads((folder / f"{name}.json").read_text())["mean"])
+
+    def model_file(self, folder: Path, name: str) -> Path:
+        return folder / f"{name}.json"
+
+
+def test_a_registered_baseline_runs_without_runner_changes(ds: Dataset, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model must be one of"):
+        baseline_kind("mean")
+    BASELINES["mean"] = _MeanKind()
+    try:
+        res = run_baseline(ds, "C_FE", "mean", tmp_path, batch_size=500, max_batches=2)["mean"]
+        assert res["batches_done"] == 2 and res["model_path"].name == "batch_2.json"
+        again = run_baseline(ds, "C_FE", "mean", tmp_path, batch_size=500)["mean"]
+        assert again["complete"] and again["processed_now"] == again["n_batches"] - 2
+        folder = batch_results_dir(tmp_path, "C_FE", "mean")
+        with np.load(folder / f"batch_{again['n_batches']}" / "test_predictions.npz") as z:
+            idx, saved = z["index"], z["y_pred"]
+        loaded = load_baseline(tmp_path, "C_FE", "mean")
+        np.testing.assert_array_equal(loaded.predict(ds.X[idx], ds.ivar[idx]), saved)
+    finally:
+        del BASELINES["mean"]

@@ -54,18 +54,6 @@ def test_multi_value_option_spellings(args: list[str]) -> None:
     assert r.output.strip() == "C_FE,MG_FE|3"
 
 
-def test_unbuilt_commands_say_so_plainly(tmp_path: Path) -> None:
-    from specabund.cli import _not_built
-
-    _not_built("zz-future", 99, "a future stage")
-    try:
-        r = CliRunner().invoke(main, ["--workdir", str(tmp_path), "zz-future", "--elements", "C_FE"])
-        assert r.exit_code != 0
-        assert "not built yet" in r.output and "issue #99" in r.output
-    finally:
-        main.commands.pop("zz-future")
-
-
 def test_preprocess_requires_a_catalogue(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["--workdir", str(tmp_path), "preprocess", "--fits-dir", str(tmp_path)])
     assert r.exit_code == 2

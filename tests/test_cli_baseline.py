@@ -69,7 +69,7 @@ def test_baseline_cli_cannon_settings_reach_the_model(work: Path) -> None:
         work, "--element", "MG_FE", "--model", "cannon", "--cannon-order", "2", "--cannon-regions", "1"
     )
     assert re.search(r"MG_FE +cannon: batches 1/1", out), out
-    model = load_baseline(work / "results", "MG_FE", "cannon")
+    model = load_baseline(work / "results", "MG_FE", "cannon").model
     assert isinstance(model, CannonModel) and model.order == 2 and model.prior
     cfg = read_toml(work / "results" / "baseline" / "resolved_config.toml")
     assert cfg["baseline"]["cannon_order"] == 2 and cfg["baseline"]["cannon_regions"] == 1

@@ -18,6 +18,7 @@ import pytest
 
 from specabund.preprocess import steps as S
 from specabund.preprocess.options import PreprocessOptions
+from specabund.preprocess.plots import STRONG_LINES
 from specabund.simulate import lamost_wavelength_grid, normalized_model_flux, simulate_spectrum
 from specabund.spectrum import Spectrum
 
@@ -119,7 +120,7 @@ def _depths(teff: float, logg: float, feh: float, nrep: int) -> dict[float, np.n
     cont *= 1000.0 / np.median(cont)
     model = cont * normalized_model_flux(_labels(teff, logg, feh), w)
     true_norm, _ = S.resample(w, model, np.ones(w.size), GRID)
-    lines = [lam for lam in S.STRONG_LINES.values() if lam > 4500.0] + [4227.9, 4383.5, 5270.4, 6122.2]
+    lines = [lam for lam in STRONG_LINES.values() if lam > 4500.0] + [4227.9, 4383.5, 5270.4, 6122.2]
     centres = np.array([int(np.argmin(np.abs(GRID - lam))) for lam in lines])
     rng = np.random.default_rng(int(teff))
     out: dict[float, list[np.ndarray]] = {10.0: [], 100.0: []}

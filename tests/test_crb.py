@@ -1,4 +1,4 @@
-"""Cramer-Rao bounds (specabund.crb): scaling, marginalisation, Monte-Carlo check, masks, truth, table."""
+"""Cramer-Rao bounds (evaluation.crb): scaling, marginalisation, Monte-Carlo check, masks, truth, table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from specabund.crb import (
+from specabund.dataset import Dataset, load_dataset
+from specabund.errors import ConfigError, DataMismatchError
+from specabund.evaluation.crb import (
+    _FrozenPipeline,
     cramer_rao_bounds,
     crb_details,
     fisher_matrix,
@@ -19,10 +22,8 @@ from specabund.crb import (
     marginal_bounds,
     simulator_label,
 )
-from specabund.dataset import Dataset, load_dataset
-from specabund.errors import ConfigError, DataMismatchError
 from specabund.preprocess import PipelineSettings, PreprocessOptions, run_preprocess
-from specabund.preprocess.steps import log_linear_grid
+from specabund.preprocess.steps import denoise, log_linear_grid, preprocess_spectrum
 from specabund.simulate import LABEL_COLUMNS, draw_labels, normalized_model_flux, simulate_dataset
 
 OPTS = PreprocessOptions()
@@ -137,7 +138,7 @@ def test_saturated_cn_bands_in_a_cool_giant_are_flagged(caplog: pytest.LogCaptur
     assert n == pytest.approx(1.3, rel=1e-3)  # N: the prior, the full width of the simulated range
     assert "requested labels affected: ['N_FE']" in caplog.text
     caplog.clear()
-    caplog.set_level(logging.INFO, logger="specabund.crb")
+    caplog.set_level(logging.INFO, logger="specabund.evaluation.crb")
     crb_details(cool, _ivar(), GRID, ["CA_FE"])  # [N/Fe] not asked for: informed, not warned
     assert "no requested label is affected" in caplog.text
     assert all(r.levelno < logging.WARNING for r in caplog.records)
@@ -335,3 +336,42 @@ def test_information_limit_table() -> None:
         information_limit_table(y_true, y_pred[:, :1], bounds, snr, ["A", "B"])
     with pytest.raises(ConfigError):
         information_limit_table(y_true, y_pred, bounds, snr, ["A", "B"], snr_bins=(50, 10))
+
+
+# ------------------------------------------------ the frozen pipeline is preprocess_spectrum, step by step
+
+
+@pytest.mark.parametrize(
+    ("star", "options"),
+    [
+        (0, PreprocessOptions()),
+        (1, PreprocessOptions()),
+        (2, PreprocessOptions(denoise=True)),
+        (3, PreprocessOptions(second_pass=False)),
+    ],
+)
+def test_frozen_pipeline_equals_preprocess_spectrum(
+    sample_truth: pd.DataFrame, star: int, options: PreprocessOptions
+) -> None:
+    # at the true labels the frozen copy of the chain (mode='pipeline') must reproduce every stage of
+    # preprocess_spectrum on the same noiseless simulated spectrum: cleaning, resampling, normalisation, masks
+    labels = {c: float(sample_truth[c].iloc[star]) for c in LABEL_COLUMNS}
+    grid = log_linear_grid(options.wave_min, options.wave_max, options.log_step)
+    frozen = _FrozenPipeline(labels, grid, seed=star, snr_g=SNR, ebv=0.05, options=options)
+    res = preprocess_spectrum(frozen._simulate(labels), options, rv_kms=0.0, keep_stages=True)
+    assert res.ok
+    stages = res.stages
+    assert stages is not None
+    # 1. clean: the same pixels keep their data
+    np.testing.assert_array_equal(np.isfinite(stages["cleaned"][1]), frozen.ivar_obs > 0)
+    # 2-4. (denoise), rest frame (rv 0) and resampling onto the grid
+    flux = np.where(frozen.ivar_obs > 0, np.asarray(frozen._simulate(labels).flux, dtype=np.float64), 0.0)
+    if options.denoise:
+        flux, _ = denoise(flux, frozen.ivar_obs, options)
+    rflux, rivar = frozen._resample(flux)
+    np.testing.assert_array_equal(rivar > 0, np.isfinite(stages["rest_resampled"][1]))
+    np.testing.assert_allclose(rflux[rivar > 0], stages["rest_resampled"][1][rivar > 0], rtol=1e-12)
+    # 5. continuum (both passes) and normalisation, with the clipping decisions frozen
+    nflux, good = frozen(labels)
+    np.testing.assert_array_equal(good, res.ivar > 0)
+    np.testing.assert_allclose(nflux[good], res.flux[good], rtol=2e-6, atol=2e-6)  # res.flux is float32

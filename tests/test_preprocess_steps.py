@@ -12,6 +12,7 @@ from scipy.optimize import curve_fit
 from specabund.errors import ConfigError, SpecabundError
 from specabund.preprocess import steps as S
 from specabund.preprocess.options import LAMOST_MASK_BITS, PreprocessOptions
+from specabund.preprocess.plots import plot_stages
 from specabund.spectrum import Spectrum
 
 C = S.C_KMS
@@ -455,10 +456,10 @@ def test_plot_stages():
     from matplotlib.figure import Figure
 
     spec, _ = make_spectrum(40.0, np.random.default_rng(0), rv=30.0)
-    fig = S.plot_stages(S.preprocess_spectrum(spec, OPTS, keep_stages=True))
+    fig = plot_stages(S.preprocess_spectrum(spec, OPTS, keep_stages=True))
     assert isinstance(fig, Figure) and len(fig.axes) == 4
     with pytest.raises(ValueError, match="keep_stages"):
-        S.plot_stages(S.preprocess_spectrum(spec, OPTS))
+        plot_stages(S.preprocess_spectrum(spec, OPTS))
 
 
 # ---------------------------------------------------------------------------------------------- real files

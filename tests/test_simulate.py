@@ -10,19 +10,17 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
+from specabund.lines import air_to_vacuum, load_linelist, vacuum_to_air
 from specabund.simulate import (
     ABUNDANCE_ELEMENTS,
     INDEPENDENT_RANGES,
     LABEL_COLUMNS,
     MASK_BITS,
-    air_to_vacuum,
     draw_labels,
     lamost_wavelength_grid,
-    load_linelist,
     normalized_model_flux,
     simulate_dataset,
     simulate_spectrum,
-    vacuum_to_air,
     write_lamost_fits,
 )
 

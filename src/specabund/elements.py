@@ -81,6 +81,30 @@ def is_abundance(name: str) -> bool:
     return normalize_label(name).endswith("_FE")
 
 
+def element_of_label(label: str) -> str | None:
+    """The element whose lines measure ``label``: ``'MG'`` for ``MG_FE``, ``'FE'`` for ``FE_H``.
+
+    ``FE_H`` is iron's own abundance, so its element is ``'FE'``; ``TEFF``, ``LOGG`` and other labels
+    with no element of their own give ``None``.
+
+    Parameters
+    ----------
+    label : str
+        Label (any spelling accepted by :func:`normalize_label`).
+
+    Returns
+    -------
+    str or None
+        Upper-case element symbol, or None.
+    """
+    lab = normalize_label(label)
+    if lab == "FE_H":
+        return "FE"
+    if lab.endswith("_FE") and len(lab) > len("_FE"):
+        return lab[: -len("_FE")]
+    return None
+
+
 def _species_known(species: str) -> bool:
     """True for an element symbol, optionally followed by an ionisation stage (``TI2``, ``TIII``, ``CI``)."""
     for k in (2, 1):

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, hashing, JSON-safe conversion."""
+"""Small shared helpers: atomic writes, hashing, JSON-safe conversion, pixels without data."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from .errors import ConfigError, OutputError, SpecabundError
+from .errors import ConfigError, DataMismatchError, OutputError, SpecabundError
+
+#: A ``map(function, items)`` that returns the results in the order of ``items``.
+MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 #: Errors that concern the file being written whatever path they name.
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
@@ -107,6 +110,39 @@ def cap_workers(requested: int, what: str = "workers") -> tuple[int, str | None]
     if requested <= cpus:
         return max(requested, 1), None
     return cpus, f"{what} = {requested} is more than the {cpus} CPU(s) available; using {cpus}"
+
+
+@contextlib.contextmanager
+def process_map(n_workers: int, batch_size: int | str = "auto") -> Iterator[MapFn]:
+    """A ``map(function, items)`` over worker processes, the pool kept open for the ``with`` block.
+
+    The one parallel map of the package (preprocessing, simulation): joblib's process pool handing
+    ``batch_size`` items to a worker at once, its results coming back lazily and in order; the built-in
+    ``map`` for one worker. ``function`` must be picklable (a module-level function).
+
+    Parameters
+    ----------
+    n_workers : int
+        Worker processes; 1 or less runs in this process.
+    batch_size : int or 'auto'
+        Items handed to a worker at once.
+
+    Yields
+    ------
+    callable
+        ``map(function, items)`` returning an iterable of results in the order of ``items``.
+    """
+    if n_workers <= 1:
+        yield map
+        return
+    from joblib import Parallel, delayed
+
+    with Parallel(n_jobs=n_workers, batch_size=batch_size, return_as="generator") as par:
+
+        def pmap(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterable[Any]:
+            return par(delayed(function)(x) for x in items)
+
+        yield pmap
 
 
 def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> dict[str, Any]:
@@ -252,3 +288,61 @@ def finite_float32(values: Any) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64)
     ok = np.isfinite(a) & (np.abs(a) <= np.finfo(np.float32).max)
     return np.where(ok, a, np.nan).astype(np.float32)
+
+
+def usable_pixels(flux: np.ndarray, ivar: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of the pixels with data: finite flux and (when given) finite, positive ``ivar``.
+
+    Parameters
+    ----------
+    flux : ndarray
+        Continuum-normalised flux, any shape.
+    ivar : ndarray, optional
+        Inverse variance of ``flux``, same shape; when omitted only non-finite fluxes are unusable.
+
+    Returns
+    -------
+    ndarray of bool
+        True where the pixel can be used.
+
+    Raises
+    ------
+    DataMismatchError
+        When ``ivar`` and ``flux`` differ in shape.
+    """
+    good = np.isfinite(flux)
+    if ivar is not None:
+        iv = np.asarray(ivar)
+        if iv.shape != np.shape(flux):
+            raise DataMismatchError(f"ivar shape {iv.shape} != X shape {np.shape(flux)}")
+        good &= np.isfinite(iv) & (iv > 0)
+    return good
+
+
+def fill_bad_pixels(
+    X: np.ndarray, ivar: np.ndarray | None = None, fill: float = 1.0, dtype: Any = np.float32
+) -> np.ndarray:
+    """Return a copy of ``X`` with unusable pixels replaced by ``fill`` (the continuum, 1.0).
+
+    A pixel is unusable when its flux is not finite or its inverse variance is zero, negative or not
+    finite (:func:`usable_pixels`).
+
+    Parameters
+    ----------
+    X : ndarray, shape (N, P)
+        Continuum-normalised flux.
+    ivar : ndarray, shape (N, P), optional
+        Inverse variance of ``X``; when omitted only non-finite fluxes are replaced.
+    fill : float
+        Replacement value.
+    dtype : numpy dtype
+        Type of the copy (float32 by default).
+
+    Returns
+    -------
+    ndarray
+        The filled copy.
+    """
+    out = np.array(X, dtype=dtype, copy=True)
+    out[~usable_pixels(out, ivar)] = fill
+    return out

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from .explain import Explanation, element_of_label, explain_importance, explanation_text, own_line_mask
+from .explain import Explanation, explain_importance, explanation_text, own_line_mask
 from .importance import (
     AttributionStats,
     ImportanceSettings,
@@ -42,7 +42,6 @@ __all__ = [
     "LabelMean",
     "attribute_batch",
     "batch_folder",
-    "element_of_label",
     "explain_importance",
     "explanation_text",
     "importance_figure",

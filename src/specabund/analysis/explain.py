@@ -1,6 +1,6 @@
 """Naming the wavelength regions a model relies on with the line list shipped with specabund.
 
-The line list is :func:`specabund.simulate.load_linelist` (vacuum wavelengths; atomic wavelengths from the
+The line list is :func:`specabund.lines.load_linelist` (vacuum wavelengths; atomic wavelengths from the
 NIST Atomic Spectra Database, molecular band heads from Pearse & Gaydon; the ``source`` column of every
 row says where it comes from, see ``specabund/data/linelist.csv``).
 
@@ -28,12 +28,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..elements import normalize_label
-from ..simulate import load_linelist
+from ..elements import element_of_label
+from ..lines import load_linelist
 
 __all__ = [
     "Explanation",
-    "element_of_label",
     "explain_importance",
     "explanation_text",
     "feature_extents",
@@ -47,19 +46,6 @@ __all__ = [
 #: contribute substantially.
 DOMINANT_FRACTION = 0.5
 SUBSTANTIAL_FRACTION = 0.25
-
-
-def element_of_label(label: str) -> str | None:
-    """The element whose lines measure ``label``: ``'MG'`` for ``MG_FE``, ``'FE'`` for ``FE_H``.
-
-    ``None`` for ``TEFF`` and ``LOGG`` (no element of their own).
-    """
-    lab = normalize_label(label)
-    if lab == "FE_H":
-        return "FE"
-    if lab.endswith("_FE"):
-        return lab[: -len("_FE")]
-    return None
 
 
 def feature_extents(linelist: pd.DataFrame, half_width: float) -> tuple[np.ndarray, np.ndarray]:
@@ -409,6 +395,6 @@ def explanation_text(
         out.append("")
         out.extend(notes)
     out.append("")
-    out.append("Line list: specabund.simulate.load_linelist() (vacuum wavelengths); sources:")
+    out.append("Line list: specabund.lines.load_linelist() (vacuum wavelengths); sources:")
     out.extend(f"  - {s}" for s in linelist_sources())
     return "\n".join(out) + "\n"

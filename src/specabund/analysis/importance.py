@@ -38,12 +38,13 @@ from scipy.ndimage import uniform_filter1d
 from scipy.signal import find_peaks, peak_widths
 from torch import nn
 
+from ..elements import element_of_label
 from ..errors import ConfigError, DataMismatchError
-from ..simulate import load_linelist
+from ..lines import load_linelist
 from ..training.data import prepare_input
 from ..training.saved import LoadedEnsemble, LoadedModel
 from ..utils import atomic_savez
-from .explain import element_of_label, feature_extents, format_lines, lines_in_region, telluric_note
+from .explain import feature_extents, format_lines, lines_in_region, telluric_note
 
 logger = logging.getLogger(__name__)
 

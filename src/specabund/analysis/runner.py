@@ -172,6 +172,26 @@ class _Batches:
             if p.is_file() and (ours or p.name.endswith(("_batch_trends.png", "_batch_summary.txt"))):
                 p.unlink()
 
+    def finish(
+        self,
+        result: AnalysisResult,
+        files: dict[str, Any],
+        summary: dict[str, Any],
+        summary_path: Path,
+        trends: Sequence[str],
+    ) -> AnalysisResult:
+        """Write ``summary`` to ``summary_path`` and, with batches, the trend plot and summary of the
+        ``trends`` columns across them; return ``result`` holding the files and the summary."""
+        files["summary"] = summary_path
+        atomic_write_json(summary_path, summary)
+        if self.enabled:
+            cols = [c for c in trends if c in self.tracker.table().columns]
+            files.update({f"batch_{k}": v for k, v in self.tracker.finalize(cols).items()})
+            files["batch_folder"] = self.folder
+        result.files = files
+        result.summary = summary
+        return result
+
     def done(self, k: int, needed: Sequence[str]) -> bool:
         return (
             self.enabled
@@ -329,15 +349,9 @@ def run_feature_importance(
         "settings": settings.to_dict(),
         "model": str(model.run_dir),
     }
-    files["summary"] = out_dir / f"{label}_importance_summary.json"
-    atomic_write_json(files["summary"], summary)
-    if save_batch_results:
-        cols = [c for c in IMPORTANCE_TRENDS if c in batches.tracker.table().columns]
-        files.update({f"batch_{k}": v for k, v in batches.tracker.finalize(cols).items()})
-        files["batch_folder"] = folder
-    result.files = files
-    result.summary = summary
-    return result
+    return batches.finish(
+        result, files, summary, out_dir / f"{label}_importance_summary.json", IMPORTANCE_TRENDS
+    )
 
 
 def _regions(wl: np.ndarray, stats: AttributionStats, settings: ImportanceSettings) -> pd.DataFrame:
@@ -462,12 +476,4 @@ def run_residual_analysis(
     notes = [f"Model: {model.run_dir}"]
     atomic_write_text(files["report"], residual_report_text(df, label, snr_bins=snr_bins, notes=notes))
     summary = {"label": label, **residual_metrics(df), "model": str(model.run_dir)}
-    files["summary"] = out_dir / f"{label}_residual_summary.json"
-    atomic_write_json(files["summary"], summary)
-    if save_batch_results:
-        cols = [c for c in RESIDUAL_TRENDS if c in batches.tracker.table().columns]
-        files.update({f"batch_{k}": v for k, v in batches.tracker.finalize(cols).items()})
-        files["batch_folder"] = folder
-    result.files = files
-    result.summary = summary
-    return result
+    return batches.finish(result, files, summary, out_dir / f"{label}_residual_summary.json", RESIDUAL_TRENDS)

@@ -4,6 +4,8 @@
 * :mod:`.cannon` - per-pixel polynomial model in all labels (the Cannon), fitted by weighted least squares
   with intrinsic scatter and censoring; labels inferred per spectrum by Levenberg-Marquardt.
 * :mod:`.regional` - one Cannon per k-means region of the stellar parameters (the default Cannon baseline).
+* :mod:`.registry` - the protocol every baseline offers the runner (``fit``, ``predict``, ``save``, ``load``)
+  and the registry of baselines by name (:data:`BASELINES`).
 * :mod:`.runner` - :func:`run_baseline`: resumable batch training with per-batch metrics and plots.
 * :mod:`.comparison` - the ``<out_root>/baseline/comparison.csv`` table shared with the CNN and its figure.
 """
@@ -21,44 +23,53 @@ from .comparison import (
     save_comparison_figure,
     update_comparison,
 )
-from .features import PCAReducer, fill_bad_pixels
+from .features import PCAReducer
 from .regional import RegionalCannon, load_cannon
+from .registry import (
+    BASELINES,
+    Baseline,
+    BaselineKind,
+    CannonSettings,
+    RunContext,
+    baseline_kind,
+    cannon_label_names,
+    label_column,
+)
 from .runner import (
     BASE_MODELS,
     MODEL_CHOICES,
-    CannonSettings,
     batch_results_dir,
-    cannon_label_names,
-    label_column,
     load_baseline,
-    predict_baseline,
     resolve_models,
     run_baseline,
     show_batch_results,
 )
 
 __all__ = [
+    "BASELINES",
     "BASE_MODELS",
     "BOOSTING_KINDS",
     "COMPARISON_COLUMNS",
     "DEFAULT_SCATTER_GRID",
     "MODEL_CHOICES",
+    "Baseline",
+    "BaselineKind",
     "BoostingConfig",
     "BoostingRegressor",
     "CannonModel",
     "CannonSettings",
     "PCAReducer",
     "RegionalCannon",
+    "RunContext",
+    "baseline_kind",
     "batch_results_dir",
     "cannon_label_names",
     "comparison_figure",
     "comparison_path",
     "comparison_rows",
-    "fill_bad_pixels",
     "label_column",
     "load_baseline",
     "load_cannon",
-    "predict_baseline",
     "read_comparison",
     "resolve_models",
     "run_baseline",

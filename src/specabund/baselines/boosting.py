@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, DataMismatchError, SpecabundError
-from ..utils import atomic_write, atomic_write_json, atomic_write_text, reject_unknown_keys
-from .features import PCAReducer, fill_bad_pixels
+from ..utils import atomic_write, atomic_write_json, atomic_write_text, fill_bad_pixels, reject_unknown_keys
+from .features import PCAReducer
 
 logger = logging.getLogger(__name__)
 

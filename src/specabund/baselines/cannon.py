@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..elements import element_of_label, label_kind
 from ..errors import DataMismatchError, SpecabundError
 from ..utils import atomic_savez
 
@@ -62,12 +63,13 @@ DEFAULT_CENSOR_HALF_WIDTH: float = 4.0
 DEFAULT_BAND_EXTENT: float = 3.0
 
 
-def element_of_label(name: str) -> str | None:
-    """Element symbol of an abundance label (``'MG_FE'`` -> ``'MG'``); None for other labels."""
-    up = name.strip().upper()
-    if up.endswith("_FE") and up != "FE_FE" and len(up) > 3:
-        return up[:-3]
-    return None
+def censored_element(name: str) -> str | None:
+    """Element whose lines censor the label ``name`` in a Cannon: ``'MG'`` for ``MG_FE``.
+
+    Only ``X_FE`` labels are censored; ``TEFF``, ``LOGG``, ``FE_H`` and other labels stay free (None),
+    although ``FE_H`` is measured on iron lines (:func:`specabund.elements.element_of_label`).
+    """
+    return element_of_label(name) if label_kind(name) == "abundance" else None
 
 
 def censoring_masks(
@@ -93,7 +95,7 @@ def censoring_masks(
         ``band_direction`` (bands fall off as ``exp(-x / band_length)`` from the head). Bands count for
         their ``element`` and for their ``partner`` (CN constrains carbon as well as nitrogen).
     linelist : DataFrame, optional
-        Line list with the columns of :func:`specabund.simulate.load_linelist` (default: that list).
+        Line list with the columns of :func:`specabund.lines.load_linelist` (default: that list).
 
     Returns
     -------
@@ -107,7 +109,7 @@ def censoring_masks(
     if half_width_A < 0 or band_extent < 0:
         raise SpecabundError("half_width_A and band_extent must be >= 0")
     if linelist is None:
-        from ..simulate.linelist import load_linelist
+        from ..lines import load_linelist
 
         linelist = load_linelist()
     el = linelist["element"].astype(str).str.upper().to_numpy()
@@ -120,7 +122,7 @@ def censoring_masks(
     hi = centre + half_width_A + np.where(band & ~blue, length, 0.0)
     out: dict[str, np.ndarray] = {}
     for name in label_names:
-        x = element_of_label(name)
+        x = censored_element(name)
         if x is None:
             continue
         rows = np.flatnonzero((el == x) | (band & (partner == x)))

@@ -1,4 +1,4 @@
-"""Feature preparation for the tree baselines: bad-pixel filling and a PCA reduction saved as npz."""
+"""Feature preparation for the tree baselines: a PCA reduction saved as npz."""
 
 from __future__ import annotations
 
@@ -8,32 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataMismatchError, SpecabundError
-from ..utils import atomic_savez
-
-
-def fill_bad_pixels(X: np.ndarray, ivar: np.ndarray | None = None, fill: float = 1.0) -> np.ndarray:
-    """Return a float32 copy of ``X`` with unusable pixels replaced by ``fill`` (the continuum, 1.0).
-
-    A pixel is unusable when its flux is not finite or its inverse variance is zero, negative or not finite.
-
-    Parameters
-    ----------
-    X : ndarray, shape (N, P)
-        Continuum-normalised flux.
-    ivar : ndarray, shape (N, P), optional
-        Inverse variance of ``X``; when omitted only non-finite fluxes are replaced.
-    fill : float
-        Replacement value.
-    """
-    out = np.array(X, dtype=np.float32, copy=True)
-    bad = ~np.isfinite(out)
-    if ivar is not None:
-        iv = np.asarray(ivar)
-        if iv.shape != out.shape:
-            raise DataMismatchError(f"ivar shape {iv.shape} != X shape {out.shape}")
-        bad |= ~(np.isfinite(iv) & (iv > 0))
-    out[bad] = fill
-    return out
+from ..utils import atomic_savez, fill_bad_pixels
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import DataMismatchError, SpecabundError
 from ..utils import atomic_savez
-from .cannon import CannonModel, accumulators_from_arrays, element_of_label, read_npz
+from .cannon import CannonModel, accumulators_from_arrays, censored_element, read_npz
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class RegionalCannon:
             raise SpecabundError(f"overlap must be >= 1, got {overlap}")
         self.label_names = list(label_names)
         if region_labels is None:
-            region_labels = [n for n in self.label_names if element_of_label(n) is None] or self.label_names
+            region_labels = [n for n in self.label_names if censored_element(n) is None] or self.label_names
         unknown = [n for n in region_labels if n not in self.label_names]
         if unknown:
             raise DataMismatchError(f"region labels {unknown} not among the labels {self.label_names}")

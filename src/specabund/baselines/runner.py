@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +46,16 @@ from ..metrics import DEFAULT_SNR_BINS, metrics_by_snr, regression_metrics
 from ..plotting import save_figure
 from ..tracking import BatchTracker
 from ..utils import atomic_savez, atomic_write_json, hash_bytes, hash_json
-from .boosting import BOOSTING_KINDS, BoostingConfig, BoostingRegressor
-from .cannon import DEFAULT_CENSOR_HALF_WIDTH, DEFAULT_SCATTER_GRID, CannonModel, censoring_masks
+from .boosting import BoostingConfig
 from .comparison import comparison_rows, save_comparison_figure, update_comparison
-from .features import PCAReducer
 from .plots import one_to_one_figure, residual_histogram_figure
-from .regional import REGIONAL_SCATTER_GRID, RegionalCannon, auto_n_regions, load_cannon
+from .registry import BASELINES, Baseline, CannonSettings, RunContext, baseline_kind, label_column
 
 logger = logging.getLogger(__name__)
 
-BASE_MODELS: tuple[str, ...] = ("xgboost", "lightgbm", "cannon", "labels_only")
-#: The labels-only baseline: LightGBM of the label on the catalogue's Teff, logg and [Fe/H], no spectrum.
-LABELS_ONLY = "labels_only"
+#: The registered baselines (:data:`~specabund.baselines.registry.BASELINES`).
+BASE_MODELS: tuple[str, ...] = tuple(BASELINES)
 MODEL_CHOICES: tuple[str, ...] = (*BASE_MODELS, "both", "all")
-STELLAR_LABELS: dict[str, str] = {"TEFF": "teff", "LOGG": "logg", "FE_H": "fe_h"}
 TREND_METRICS: tuple[str, ...] = (
     "val_rmse",
     "test_rmse",
@@ -69,119 +64,6 @@ TREND_METRICS: tuple[str, ...] = (
     "test_r2",
     "fit_seconds",
 )
-
-BaselineModel = BoostingRegressor | CannonModel | RegionalCannon
-CANNON_TYPES = (CannonModel, RegionalCannon)
-
-
-@dataclass(frozen=True)
-class CannonSettings:
-    """Settings of the Cannon baseline (``[baseline] cannon_*`` in the configuration).
-
-    Attributes
-    ----------
-    order : int
-        Polynomial order of the (regional) models, 1-4. 3 by default: on simulated LAMOST spectra a cubic
-        model per region roughly halves the [Mg/Fe] error of the classic global quadratic Cannon.
-    regions : int
-        Regions of the stellar-parameter space with their own model (see
-        :mod:`specabund.baselines.regional`); 0 picks one per 400 training spectra (at most 8); 1 is a
-        single global model (the classic Cannon with ``order=2``).
-    overlap : int
-        Each training spectrum trains the models of this many nearest regions.
-    censor_half_width : float or None
-        Censoring of the ``X_FE`` label to its element's lines (Angstrom); None turns it off.
-    scatter_grid : tuple of float, optional
-        Intrinsic-scatter grid (default: the single model's grid, or a coarser one for regional models).
-    prior : bool
-        Infer labels as the maximum of the posterior under a Gaussian prior with the mean and covariance
-        of the training labels (on by default: like the trees and the CNN, the estimate then leans on
-        what the training set makes likely, which matters at low SNR); off: maximum likelihood, the
-        classic Cannon.
-    continuum_pixels : int
-        Each spectrum's labels are fitted together with a smooth multiplicative continuum correction:
-        cubic B-splines with a knot every this many pixels (0 = off). Pipeline-normalised spectra keep
-        star-to-star continuum errors of a few per cent on scales of a hundred pixels, which a
-        per-pixel model would otherwise read as labels; on the training benchmark's data this halves
-        the Cannon's Teff error at SNR > 50.
-    """
-
-    order: int = 3
-    regions: int = 0
-    overlap: int = 2
-    censor_half_width: float | None = DEFAULT_CENSOR_HALF_WIDTH
-    scatter_grid: tuple[float, ...] | None = None
-    prior: bool = True
-    continuum_pixels: int = 40
-
-    def __post_init__(self) -> None:
-        if self.order not in (1, 2, 3, 4):
-            raise ConfigError(f"cannon order must be 1, 2, 3 or 4, got {self.order!r}")
-        if self.regions < 0:
-            raise ConfigError(f"cannon regions must be >= 0 (0 = automatic), got {self.regions!r}")
-        if self.overlap < 1:
-            raise ConfigError(f"cannon overlap must be >= 1, got {self.overlap!r}")
-        if self.continuum_pixels < 0:
-            raise ConfigError(
-                f"cannon continuum_pixels must be >= 0 (0 = off), got {self.continuum_pixels!r}"
-            )
-        if self.censor_half_width is not None and self.censor_half_width < 0:
-            raise ConfigError(f"cannon censor_half_width must be >= 0 or None: {self.censor_half_width!r}")
-
-    def continuum_terms(self, n_pixels: int) -> int:
-        """Number of continuum B-splines for spectra of ``n_pixels`` (0 when off)."""
-        if not self.continuum_pixels:
-            return 0
-        return max(4, math.ceil(n_pixels / self.continuum_pixels) + 3)
-
-    def n_regions(self, n_train: int) -> int:
-        return self.regions or auto_n_regions(n_train)
-
-    def build(
-        self, label_names: list[str], train_labels: np.ndarray, wavelength: np.ndarray, seed: int = 0
-    ) -> CannonModel | RegionalCannon:
-        """The untrained Cannon these settings describe, for spectra on ``wavelength``.
-
-        The label standardisation (and the regions of a regional Cannon) come from all the training
-        labels (N, L) at once, so that training batch by batch adds up to one fit.
-        """
-        lab = np.asarray(train_labels, dtype=np.float64)
-        mean, scale = lab.mean(axis=0), lab.std(axis=0)
-        scale = np.where(scale > 0, scale, 1.0)
-        censor = None
-        if self.censor_half_width is not None:
-            censor = censoring_masks(wavelength, label_names, self.censor_half_width)
-        n_reg = self.n_regions(len(lab))
-        terms = self.continuum_terms(len(wavelength))
-        if n_reg == 1:
-            return CannonModel(
-                label_names,
-                mean,
-                scale,
-                scatter_grid=self.grid(1),
-                censor=censor,
-                order=self.order,
-                prior=self.prior,
-                continuum_terms=terms,
-            )
-        return RegionalCannon(
-            label_names,
-            mean,
-            scale,
-            n_regions=n_reg,
-            order=self.order,
-            overlap=self.overlap,
-            scatter_grid=self.grid(n_reg),
-            censor=censor,
-            seed=seed,
-            prior=self.prior,
-            continuum_terms=terms,
-        ).set_regions(lab)
-
-    def grid(self, n_regions: int) -> tuple[float, ...]:
-        if self.scatter_grid is not None:
-            return tuple(float(s) for s in self.scatter_grid)
-        return DEFAULT_SCATTER_GRID if n_regions == 1 else REGIONAL_SCATTER_GRID
 
 
 def resolve_models(model_name: str) -> list[str]:
@@ -192,7 +74,7 @@ def resolve_models(model_name: str) -> list[str]:
         return ["xgboost", "lightgbm"]
     if name == "all":
         return list(BASE_MODELS)
-    if name in BASE_MODELS:
+    if name in BASELINES:
         return [name]
     raise ConfigError(f"model must be one of {MODEL_CHOICES}, got {model_name!r}")
 
@@ -200,44 +82,6 @@ def resolve_models(model_name: str) -> list[str]:
 def batch_results_dir(out_root: str | Path, element: str, model: str) -> Path:
     """``<out_root>/baseline_<element>_<model>_batch_results``."""
     return Path(out_root) / f"baseline_{element}_{model}_batch_results"
-
-
-def label_column(dataset: Dataset, name: str) -> np.ndarray:
-    """Values of label ``name`` (a column of ``y``, or TEFF/LOGG/FE_H from the catalogue columns), float64."""
-    if name in dataset.elements:
-        return dataset.y[:, dataset.label_index(name)].astype(np.float64)
-    if name in STELLAR_LABELS:
-        return np.asarray(getattr(dataset, STELLAR_LABELS[name]), dtype=np.float64)
-    raise DataMismatchError(
-        f"label {name!r} not in dataset labels {dataset.elements} nor {list(STELLAR_LABELS)}"
-    )
-
-
-def labels_only_features(dataset: Dataset, element: str) -> list[str]:
-    """Inputs of the labels-only baseline for ``element``: the catalogue's TEFF, LOGG and FE_H (those with
-    values in the training split), the element itself excluded."""
-    train = dataset.split == SPLIT_CODES["train"]
-    names = [n for n in STELLAR_LABELS if n != element and np.isfinite(label_column(dataset, n)[train]).any()]
-    if not names:
-        raise SpecabundError(
-            f"labels_only baseline for {element}: the data carry no Teff, logg or [Fe/H] to predict it from"
-        )
-    return names
-
-
-def cannon_label_names(dataset: Dataset, element: str, min_fraction: float = 0.5) -> list[str]:
-    """Labels the Cannon fits jointly for ``element``: TEFF, LOGG, FE_H (each when finite for at least
-    ``min_fraction`` of the training spectra that have ``element``) followed by ``element``."""
-    target = label_column(dataset, element)
-    train = (dataset.split == SPLIT_CODES["train"]) & np.isfinite(target)
-    names: list[str] = []
-    for name in STELLAR_LABELS:
-        if name == element:
-            continue
-        v = label_column(dataset, name)[train]
-        if v.size and np.mean(np.isfinite(v)) >= min_fraction and np.nanstd(v) > 0:
-            names.append(name)
-    return [*names, element]
 
 
 class _Run:
@@ -271,20 +115,16 @@ class _Run:
         self.models_dir = self.folder / "models"
         self.tracker = BatchTracker(self.folder, f"{element}_{model}")
 
+        self.kind = baseline_kind(model)
         self.target = label_column(dataset, element)
         split = dataset.split
         self.given: np.ndarray | None = None
-        if model == LABELS_ONLY:
-            self.feature_names = labels_only_features(dataset, element)
+        self.feature_names = self.kind.input_names(dataset, element)
+        if self.feature_names is not None:
             self.given = np.column_stack([label_column(dataset, n) for n in self.feature_names])
-        if model == "cannon":
-            self.label_names = cannon_label_names(dataset, element)
-            self.labels = np.column_stack([label_column(dataset, n) for n in self.label_names])
-            eligible = np.all(np.isfinite(self.labels), axis=1)
-        else:
-            self.label_names = [element]
-            self.labels = self.target[:, None]
-            eligible = np.isfinite(self.target)
+        self.label_names = self.kind.label_names(dataset, element)
+        self.labels = np.column_stack([label_column(dataset, n) for n in self.label_names])
+        eligible = np.all(np.isfinite(self.labels), axis=1)
         self.train_idx = np.flatnonzero((split == SPLIT_CODES["train"]) & eligible)
         self.val_idx = np.flatnonzero((split == SPLIT_CODES["val"]) & np.isfinite(self.target))
         self.test_idx = np.flatnonzero((split == SPLIT_CODES["test"]) & np.isfinite(self.target))
@@ -297,6 +137,19 @@ class _Run:
         n_batches = 1 if not batch_size else math.ceil(len(perm) / int(batch_size))
         self.batches = np.array_split(perm, n_batches)
         self.batch_size = batch_size
+        self.ctx = RunContext(
+            dataset=dataset,
+            element=element,
+            train_idx=self.train_idx,
+            labels=self.labels,
+            n_batches=n_batches,
+            seed=self.seed,
+            n_threads=n_threads,
+            device=device,
+            boosting=boosting_config,
+            cannon=cannon,
+            input_names=self.feature_names,
+        )
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -304,23 +157,7 @@ class _Run:
         return len(self.batches)
 
     def run_info(self) -> dict[str, Any]:
-        cfg: dict[str, Any]
-        if self.model == "cannon":
-            c = self.cannon
-            n_reg = c.n_regions(len(self.train_idx))
-            cfg = {
-                "order": c.order,
-                "regions": n_reg,
-                "overlap": c.overlap,
-                "scatter_grid": list(c.grid(n_reg)),
-                "censor_half_width": c.censor_half_width,
-                "prior": c.prior,
-                "continuum_terms": c.continuum_terms(self.ds.n_pixels),
-            }
-        else:
-            cfg = asdict(self._boosting_config())
-            if self.given is not None:
-                cfg["inputs"] = self.feature_names
+        cfg = self.kind.settings(self.ctx)
         data_hash = hash_bytes(
             self.train_idx.astype(np.int64).tobytes(),
             np.ascontiguousarray(self.labels[self.train_idx]).tobytes(),
@@ -353,15 +190,9 @@ class _Run:
         atomic_write_json(path, info)
 
     def model_path(self, k: int) -> Path:
-        if self.model == "cannon":
-            return self.models_dir / f"batch_{k}_cannon.npz"
-        return self.models_dir / f"batch_{k}.json"
+        return self.kind.model_file(self.models_dir, f"batch_{k}")
 
     # ------------------------------------------------------------------ model handling
-    def _boosting_config(self) -> BoostingConfig:
-        if self.model == LABELS_ONLY:
-            return replace(self.boosting_config, features="given")
-        return self.boosting_config
 
     def _inputs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """The model's inputs for rows ``idx``: the spectra, or the catalogue labels (labels-only)."""
@@ -369,32 +200,16 @@ class _Run:
             return self.given[idx], None
         return self.ds.X[idx], self.ds.ivar[idx]
 
-    def new_model(self) -> BaselineModel:
-        if self.model == "cannon":
-            return self.cannon.build(
-                self.label_names, self.labels[self.train_idx], self.ds.wavelength, seed=self.seed
-            )
-        kind = "lightgbm" if self.model == LABELS_ONLY else self.model
-        m = BoostingRegressor(kind, self._boosting_config(), self.n_threads, self.device, self.seed)
-        if m.config.features == "pca":
-            idx = self.train_idx
-            m.set_reducer(
-                PCAReducer.fit(
-                    self.ds.X[idx], self.ds.ivar[idx], self.boosting_config.n_components, self.seed
-                )
-            )
-        return m
+    def new_model(self) -> Baseline:
+        return self.kind.new(self.ctx)
 
-    def load_model(self, k: int) -> BaselineModel:
-        if self.model == "cannon":
-            return load_cannon(self.model_path(k))
-        return BoostingRegressor.load(self.models_dir, f"batch_{k}", self.n_threads, self.device)
+    def load_model(self, k: int) -> Baseline:
+        return self.kind.load(
+            self.models_dir, f"batch_{k}", self.element, self.n_threads, self.device, self.n_batches
+        )
 
-    def save_model(self, model: BaselineModel, k: int) -> None:
-        if isinstance(model, CANNON_TYPES):
-            model.save(self.model_path(k), include_accumulators=True)
-        else:
-            model.save(self.models_dir, f"batch_{k}")
+    def save_model(self, model: Baseline, k: int) -> None:
+        model.save(self.models_dir, f"batch_{k}")
 
     def drop_old_models(self, keep: int) -> None:
         if not self.models_dir.exists():
@@ -407,27 +222,20 @@ class _Run:
             if num.isdigit() and int(num) < keep:
                 p.unlink(missing_ok=True)
 
-    def fit_batch(self, model: BaselineModel, k: int) -> None:
+    def fit_batch(self, model: Baseline, k: int) -> None:
         idx = self.batches[k - 1]
         X, iv = self._inputs(idx)
-        if isinstance(model, CANNON_TYPES):
-            model.partial_fit(X, iv, self.labels[idx]).solve()
-            return
-        c = self.boosting_config
-        rounds = c.n_rounds if self.n_batches == 1 else c.rounds_per_batch
         Xv, ivv = self._inputs(self.val_idx)
-        model.fit(X, iv, self.target[idx], Xv, ivv, self.target[self.val_idx], n_rounds=rounds)
+        model.fit(X, iv, self.labels[idx], (Xv, ivv, self.target[self.val_idx]))
 
-    def predict(self, model: BaselineModel, idx: np.ndarray) -> np.ndarray:
+    def predict(self, model: Baseline, idx: np.ndarray) -> np.ndarray:
         if len(idx) == 0:
             return np.zeros(0)
         X, iv = self._inputs(idx)
-        if isinstance(model, CANNON_TYPES):
-            return model.predict_label(X, iv, self.element)
         return model.predict(X, iv)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, model: BaselineModel, k: int, fit_seconds: float, n_seen: int) -> dict[str, Any]:
+    def evaluate(self, model: Baseline, k: int, fit_seconds: float, n_seen: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         pv = self.predict(model, self.val_idx)
         pt = self.predict(model, self.test_idx)
@@ -460,8 +268,7 @@ class _Run:
             "fit_seconds": fit_seconds,
             "predict_per_second": n_pred / dt if dt > 0 else float("nan"),
         }
-        if isinstance(model, BoostingRegressor):
-            row["n_trees"] = model.n_trees
+        row.update(model.batch_info())
         row.update({f"val_{m}": val[m] for m in ("n", "rmse", "robust_scatter", "bias", "r2")})
         row.update({f"test_{m}": test["all"][m] for m in ("n", "rmse", "robust_scatter", "bias", "r2")})
         atomic_write_json(
@@ -657,24 +464,19 @@ def show_batch_results(out_root: str | Path, element: str, model_name: str) -> p
 
 def load_baseline(
     out_root: str | Path, element: str, model: str, n_threads: int | None = None, device: str = "cpu"
-) -> BaselineModel:
-    """The model of the latest done batch of a run (no pickle involved)."""
-    if model not in BASE_MODELS:
-        raise ConfigError(f"model must be one of {BASE_MODELS}, got {model!r}")
+) -> Baseline:
+    """The model of the latest done batch of a run (no pickle involved).
+
+    Returns
+    -------
+    Baseline
+        ``.predict(X, ivar)`` gives ``element``; ``.model`` is the model itself
+        (:class:`~specabund.baselines.BoostingRegressor`, :class:`~specabund.baselines.CannonModel` or
+        :class:`~specabund.baselines.RegionalCannon`).
+    """
+    kind = baseline_kind(model)
     folder = batch_results_dir(out_root, element, model)
     done = BatchTracker(folder, f"{element}_{model}").completed()
     if not done:
         raise SpecabundError(f"{folder}: no finished batch, run the baseline first")
-    k = max(done)
-    if model == "cannon":
-        return load_cannon(folder / "models" / f"batch_{k}_cannon.npz")
-    return BoostingRegressor.load(folder / "models", f"batch_{k}", n_threads, device)
-
-
-def predict_baseline(model: BaselineModel, X: np.ndarray, ivar: np.ndarray, element: str) -> np.ndarray:
-    """Predict ``element`` for spectra ``X`` with a tree model or a Cannon, shape (N,)."""
-    if isinstance(model, CANNON_TYPES):
-        return model.predict_label(X, ivar, element)
-    if model.kind not in BOOSTING_KINDS:
-        raise ConfigError(f"unknown model kind {model.kind!r}")
-    return model.predict(X, ivar)
+    return kind.load(folder / "models", f"batch_{max(done)}", element, n_threads, device)

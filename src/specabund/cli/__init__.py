@@ -184,17 +184,6 @@ def main(ctx: click.Context, workdir: Path, verbose: bool) -> None:
     ctx.obj = {"ws": Workspace(ensure_dir(workdir).resolve()), "verbose": verbose}
 
 
-def _not_built(name: str, issue: int, what: str) -> None:
-    @main.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def _cmd() -> None:
-        raise click.ClickException(
-            f"'specabund {name}' ({what}) is not built yet: it is tracked in issue #{issue}."
-        )
-
-    _cmd.help = f"[not built yet: issue #{issue}] {what}"
-    _cmd.short_help = f"[not built yet] {what}"
-
-
 def _register() -> None:
     from . import analyze, baseline, commands, predict, train, tune  # noqa: F401  (registers the subcommands on ``main``)
 

@@ -93,7 +93,8 @@ def baseline_cmd(
       specabund baseline --element MG_FE --model all
       specabund baseline --element MG_FE --model cannon --cannon-order 2 --cannon-regions 1
     """
-    from ..baselines.runner import CannonSettings, run_baseline
+    from ..baselines.registry import CannonSettings
+    from ..baselines.runner import run_baseline
     from ..baselines.runner import show_batch_results as batch_table
     from ..config import load_config, save_config
     from ..dataset import load_dataset

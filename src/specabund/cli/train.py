@@ -498,7 +498,7 @@ def _cnn_comparison_rows(ws: Any, out: Path, labels: list[str], snr_bins: list[f
 def _information_limit(truth: Path, ds: Any, out: Path, labels: list[str], snr_bins: list[float]) -> None:
     import pandas as pd
 
-    from ..crb import cramer_rao_bounds, information_limit_table, load_truth
+    from ..evaluation.crb import cramer_rao_bounds, information_limit_table, load_truth
     from ..utils import atomic_write
 
     pred = pd.read_csv(out / "predictions.csv")

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import SpecabundError
 from ..training.data import FLUX_MAX, FLUX_MIN
-from ..utils import atomic_savez
+from ..utils import atomic_savez, fill_bad_pixels, usable_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -40,28 +40,8 @@ RESIDUAL_FLOOR = 0.01
 
 def network_view(X: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flux as the network sees it (no-data pixels at the continuum, clipped) minus 1, and a good mask."""
-    X = np.asarray(X, dtype=np.float64)
-    ivar = np.asarray(ivar, dtype=np.float64)
-    good = np.isfinite(X) & np.isfinite(ivar) & (ivar > 0)
-    f = np.clip(np.where(good, X, 1.0), FLUX_MIN, FLUX_MAX) - 1.0
-    return f, good
-
-
-def _randomized_pca(
-    A: np.ndarray, k: int, rng: np.random.Generator, n_iter: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` right singular vectors ``(k, P)`` and singular values of the centred ``A`` (N, P)."""
-    n, p = A.shape
-    q = min(k + 10, n, p)
-    omega = rng.standard_normal((p, q))
-    Y = A @ omega
-    for _ in range(n_iter):
-        Y, _ = np.linalg.qr(Y)
-        Y = A @ (A.T @ Y)
-    Q, _ = np.linalg.qr(Y)
-    B = Q.T @ A
-    _, s, vt = np.linalg.svd(B, full_matrices=False)
-    return vt[:k], s[:k]
+    f = np.clip(fill_bad_pixels(X, ivar, dtype=np.float64), FLUX_MIN, FLUX_MAX) - 1.0
+    return f, usable_pixels(np.asarray(X, dtype=np.float64), ivar)
 
 
 @dataclass
@@ -110,11 +90,15 @@ class SpectralOOD:
             raise SpecabundError(f"the OOD reference needs at least 3 spectra, got {n}")
         idx = np.sort(rng.choice(n, max_spectra, replace=False)) if n > max_spectra else np.arange(n)
         f, _ = network_view(X[idx], ivar[idx])
-        mean = f.mean(axis=0)
-        A = f - mean
-        k = max(1, min(int(n_components), len(idx) - 1, A.shape[1]))
-        comps, s = _randomized_pca(A, k, rng)
-        variances = np.maximum(s**2 / max(len(idx) - 1, 1), 1e-12)
+        k = max(1, min(int(n_components), len(idx) - 1, f.shape[1]))
+        # scikit-learn's randomized PCA (as the tree baselines' features); the seed comes from ``rng``
+        from sklearn.decomposition import PCA
+
+        seed = int(rng.integers(2**31 - 1))
+        pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(f)
+        mean = pca.mean_
+        comps = pca.components_
+        variances = np.maximum(pca.explained_variance_, 1e-12)
         ood = cls(
             mean=mean,
             components=comps,

@@ -1,4 +1,8 @@
-"""Preprocessing: per-spectrum steps (:mod:`.steps`) and the dataset pipeline (:mod:`.pipeline`)."""
+"""Preprocessing: per-spectrum steps (:mod:`.steps`, one module a step) and the dataset pipeline.
+
+:mod:`.pipeline` turns FITS files and catalogues into datasets; :mod:`.report` writes the validation report
+and :mod:`.plots` the figures of one spectrum's stages.
+"""
 
 from __future__ import annotations
 

@@ -21,12 +21,12 @@ Identical inputs give byte-identical outputs, whatever the number of workers or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,18 @@ from ..catalog import (
 from ..dataset import SPLIT_CODES
 from ..errors import CatalogError, FitsFormatError, SpecabundError
 from ..io import iter_fits_files, read_lamost
-from ..utils import NpzWriter, atomic_write, atomic_write_json, finite_float32, hash_bytes, hash_json
+from ..utils import (
+    MapFn,
+    NpzWriter,
+    atomic_write,
+    atomic_write_json,
+    finite_float32,
+    hash_bytes,
+    hash_json,
+    process_map,
+)
 from .options import PreprocessOptions
-from .steps import C_KMS, preprocess_spectrum
+from .steps import preprocess_spectrum, velocity_problem
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +68,6 @@ PIPELINE_VERSION = 2  # 2: cool-star continuum (floored clipping, masked blue ar
 
 #: Keys of the ``[preprocess]`` config section that steer the pipeline rather than the per-spectrum steps.
 PIPELINE_KEYS = ("chunk_size", "n_workers", "batch_size", "normalize", "n_plot_examples")
-
-MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
 @dataclass
@@ -113,48 +120,6 @@ def preprocess_hash(opts: PreprocessOptions, normalize: bool = True) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # per-file work (runs in worker processes: keep it a module-level function of plain arguments)
-
-
-def velocity_problem(
-    rv_kms: float | None, z: Any, opts: PreprocessOptions, max_abs_rv_kms: float = DEFAULT_MAX_ABS_RV_KMS
-) -> tuple[float | None, str | None]:
-    """Check the velocities of one spectrum before its rest-frame shift.
-
-    Parameters
-    ----------
-    rv_kms : float or None
-        Catalogue radial velocity (km/s); a non-finite one or one with ``|rv| > max_abs_rv_kms`` is
-        dropped, so the header redshift is used instead.
-    z : float or None
-        Header redshift ``Z``.
-    opts : PreprocessOptions
-        ``opts.rv_source == 'none'`` (rest-frame input) needs no velocity.
-    max_abs_rv_kms : float
-        Plausibility limit of ``|rv|`` and ``|Z| c``.
-
-    Returns
-    -------
-    rv_kms : float or None
-        The catalogue velocity to use (None: use the header).
-    problem : str or None
-        Why no velocity is usable (the spectrum is rejected as ``no_valid_rv: <problem>``), else None.
-    """
-    if rv_kms is not None and not (math.isfinite(float(rv_kms)) and abs(float(rv_kms)) <= max_abs_rv_kms):
-        rv_kms = None
-    if rv_kms is not None or opts.rv_source != "header":
-        return rv_kms, None
-    try:
-        zf = float(z) if z is not None and not isinstance(z, bool) else math.nan
-    except (TypeError, ValueError):
-        zf = math.nan
-    if not math.isfinite(zf):
-        return None, f"no catalogue rv and header Z is missing or not a number ({z!r})"
-    if abs(zf) * C_KMS > max_abs_rv_kms:
-        return None, (
-            f"no catalogue rv and header Z = {zf:g} is implausible "
-            f"(|Z| c = {abs(zf) * C_KMS:.0f} km/s > {max_abs_rv_kms:g})"
-        )
-    return None, None
 
 
 def process_file(
@@ -312,21 +277,6 @@ def split_groups(groups: Sequence[str], fractions: Sequence[float], seed: int) -
 # the run
 
 
-def _default_map(n_workers: int, batch_size: int = 32) -> tuple[MapFn, Callable[[], None]]:
-    """``map`` for one worker; a joblib process pool handing ``batch_size`` files to a worker at once."""
-    if n_workers <= 1:
-        return (lambda f, it: map(f, it)), (lambda: None)
-    from joblib import Parallel, delayed
-
-    par = Parallel(n_jobs=n_workers, batch_size=batch_size, return_as="generator")
-    par.__enter__()
-
-    def pmap(f: Callable[[Any], Any], it: Iterable[Any]) -> Iterable[Any]:
-        return par(delayed(f)(x) for x in it)
-
-    return pmap, lambda: par.__exit__(None, None, None)
-
-
 def _plan(
     reference_csv: Path | None,
     prediction_csv: Path | None,
@@ -442,10 +392,9 @@ def run_preprocess(
         cache_root = Path(tmp_cache)
     cache_root.mkdir(parents=True, exist_ok=True)
 
+    pool = contextlib.ExitStack()
     if map_fn is None:
-        map_fn, close_map = _default_map(st.n_workers, st.batch_size)
-    else:
-        close_map = lambda: None  # noqa: E731
+        map_fn = pool.enter_context(process_map(st.n_workers, st.batch_size))
 
     progress_path = output_dir / "progress" / "preprocess.json"
     try:
@@ -480,17 +429,32 @@ def run_preprocess(
         bar.close()
         manifest = _assemble(plans, chunk_files, all_files, grid, opts, st, p_hash, output_dir)
     finally:
-        close_map()
+        pool.close()
         if tmp_cache is not None:
             shutil.rmtree(tmp_cache, ignore_errors=True)
     if plots_dir is not None:
         try:
             from .report import write_preprocessing_plots
 
-            write_preprocessing_plots(output_dir, Path(plots_dir), opts, st, plans)
+            write_preprocessing_plots(
+                output_dir,
+                Path(plots_dir),
+                opts,
+                _files_with_rv(plans),
+                st.n_plot_examples,
+                st.catalog_rules.max_abs_rv_kms,
+            )
         except Exception:  # plots must never lose a finished run
             log.exception("preprocessing plots failed")
     return manifest
+
+
+def _files_with_rv(plans: list[_SetPlan]) -> Iterator[tuple[Path, float | None]]:
+    """Each file of the plans with its catalogue radial velocity (None where absent or not finite)."""
+    for plan in plans:
+        rv = plan.catalog.table["rv"].to_numpy(dtype=float) if "rv" in plan.catalog.table else None
+        for task in plan.tasks:
+            yield task.path, None if rv is None or not np.isfinite(rv[task.row]) else float(rv[task.row])
 
 
 class _Interrupted(SpecabundError):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,9 +15,8 @@ from ..io import read_lamost
 from ..plotting import save_figure
 from ..utils import atomic_write_json, atomic_write_text
 from .options import PreprocessOptions
-
-if TYPE_CHECKING:
-    from .pipeline import PipelineSettings, _SetPlan
+from .plots import plot_stages
+from .steps import preprocess_spectrum, velocity_problem
 
 log = logging.getLogger(__name__)
 
@@ -211,39 +211,54 @@ def write_preprocessing_plots(
     output_dir: Path,
     plots_dir: Path,
     opts: PreprocessOptions,
-    st: PipelineSettings,
-    plans: list[_SetPlan],
+    candidates: Iterable[tuple[Path, float | None]],
+    n_examples: int,
+    max_abs_rv_kms: float,
 ) -> list[Path]:
-    """Stage-by-stage plots of a few spectra and distributions of SNR, labels and rejection reasons."""
-    from .pipeline import velocity_problem
-    from .steps import plot_stages, preprocess_spectrum
+    """Stage-by-stage plots of a few spectra and distributions of SNR, labels and rejection reasons.
 
+    Parameters
+    ----------
+    output_dir : Path
+        The preprocessing output (``rejected.csv`` and the datasets are read from it).
+    plots_dir : Path
+        The plots go to ``plots_dir/preprocessing``.
+    opts : PreprocessOptions
+        Options the spectra were preprocessed with.
+    candidates : iterable of (Path, float or None)
+        FITS files with their catalogue radial velocity (km/s, None when absent), in order; the first
+        ``n_examples`` that preprocess to 'ok' get a stage plot.
+    n_examples : int
+        Spectra to plot stage by stage.
+    max_abs_rv_kms : float
+        Plausibility limit of the velocities (:func:`~specabund.preprocess.steps.velocity_problem`).
+
+    Returns
+    -------
+    list of Path
+        The figures written.
+    """
     out = plots_dir / "preprocessing"
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     shown = 0
-    for plan in plans:
-        rv = plan.catalog.table["rv"].to_numpy(dtype=float) if "rv" in plan.catalog.table else None
-        for task in plan.tasks:
-            if shown >= st.n_plot_examples:
-                break
-            try:
-                spec = read_lamost(task.path)
-            except Exception:
-                continue
-            v = None if rv is None or not np.isfinite(rv[task.row]) else float(rv[task.row])
-            v, problem = velocity_problem(v, spec.meta.get("z"), opts, st.catalog_rules.max_abs_rv_kms)
-            if problem is not None:
-                continue
-            res = preprocess_spectrum(spec, opts, rv_kms=v, keep_stages=True)
-            if res.status != "ok":
-                continue
-            fig = plot_stages(res)
-            fig.suptitle(
-                f"{task.path.name}: preprocessing stages (SNR {res.snr_measured:.0f}, rv {res.rv_source})"
-            )
-            written.append(save_figure(fig, out / f"stages_{shown + 1}_{task.path.name.split('.')[0]}.png"))
-            shown += 1
+    for path, rv_kms in candidates:
+        if shown >= n_examples:
+            break
+        try:
+            spec = read_lamost(path)
+        except Exception:
+            continue
+        v, problem = velocity_problem(rv_kms, spec.meta.get("z"), opts, max_abs_rv_kms)
+        if problem is not None:
+            continue
+        res = preprocess_spectrum(spec, opts, rv_kms=v, keep_stages=True)
+        if res.status != "ok":
+            continue
+        fig = plot_stages(res)
+        fig.suptitle(f"{path.name}: preprocessing stages (SNR {res.snr_measured:.0f}, rv {res.rv_source})")
+        written.append(save_figure(fig, out / f"stages_{shown + 1}_{path.name.split('.')[0]}.png"))
+        shown += 1
     rej_path = output_dir / "rejected.csv"
     if rej_path.exists():
         rej = pd.read_csv(rej_path)

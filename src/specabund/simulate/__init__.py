@@ -2,8 +2,6 @@
 
 Public API
 ----------
-:func:`load_linelist`
-    The line list (vacuum wavelengths, species, element, kind, atomic data, source).
 :func:`draw_labels`
     Galactic-looking or independent labels (teff, logg, fe_h and ``X_FE``).
 :func:`normalized_model_flux`
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 from .dataset import DATASET_LAYOUTS, simulate_dataset
 from .labels import ABUNDANCE_ELEMENTS, ALPHA_ELEMENTS, INDEPENDENT_RANGES, LABEL_COLUMNS, draw_labels
-from .linelist import air_to_vacuum, load_linelist, vacuum_to_air
 from .synth import (
     LAMOST_COEFF0,
     LAMOST_COEFF1,
@@ -47,15 +44,12 @@ __all__ = [
     "LAYOUTS",
     "MASK_BITS",
     "SNR_BANDS",
-    "air_to_vacuum",
     "draw_labels",
     "lamost_wavelength_grid",
     "line_strengths",
-    "load_linelist",
     "normalized_model_flux",
     "simulate_dataset",
     "simulate_spectrum",
     "spectral_subclass",
-    "vacuum_to_air",
     "write_lamost_fits",
 ]

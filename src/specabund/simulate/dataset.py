@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from specabund.utils import atomic_write_text
+from specabund.utils import atomic_write_text, process_map
 
 from .labels import ABUNDANCE_ELEMENTS, draw_labels
 from .synth import simulate_spectrum
@@ -175,11 +174,8 @@ def simulate_dataset(
         )
         for i in range(n)
     ]
-    if n_workers > 1:
-        with ProcessPoolExecutor(max_workers=n_workers) as pool:
-            rows = list(pool.map(_run_task, tasks, chunksize=max(1, n // (8 * n_workers))))
-    else:
-        rows = [_run_task(t) for t in tasks]
+    with process_map(n_workers, batch_size=max(1, n // (8 * max(n_workers, 1)))) as pmap:
+        rows = list(pmap(_run_task, tasks))
 
     files = pd.DataFrame(rows).sort_values("index").reset_index(drop=True)
     star = star_of_file

@@ -50,7 +50,7 @@ from scipy.special import erfc, erfcx
 
 from specabund.spectrum import Spectrum
 
-from .linelist import air_to_vacuum, load_linelist
+from ..lines import air_to_vacuum, load_linelist
 
 __all__ = [
     "C_KMS",

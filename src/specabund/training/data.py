@@ -119,9 +119,11 @@ class AugmentConfig:
     continuum_prob: float = 0.5
     continuum_scale: float = 0.01
     continuum_tilt: float = 0.01
+    #: abundance-swap augmentation (:mod:`specabund.training.swap`): probability per star and abundance
+    swap_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("noise_prob", "rv_prob", "continuum_prob"):
+        for key in ("noise_prob", "rv_prob", "continuum_prob", "swap_prob"):
             v = getattr(self, key)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"augmentation {key} must lie in [0, 1], got {v}")

@@ -575,6 +575,21 @@ def train(
     if parent is not None:
         hashes["init_from_weights"] = parent["weights_sha256"]
     fingerprint = _fingerprint(model_config, cfg, labels, hashes, ctx.world_size)
+    swap = None
+    if cfg.augment.enabled and cfg.augment.swap_prob > 0:
+        from .swap import AbundanceSwap
+
+        keep = np.isfinite(select_labels(dataset_train.y, dataset_train.elements, labels)).any(axis=1)
+        swap = AbundanceSwap.build(
+            cfg.augment.swap_prob,
+            labels,
+            yt,
+            dataset_train.wavelength,
+            dataset_train.teff[keep],
+            dataset_train.logg[keep],
+            dataset_train.fe_h[keep],
+            scaler.std,
+        )
 
     ckpt_path = run_dir / CHECKPOINT_FILE
     state: dict[str, Any] | None = None
@@ -622,6 +637,7 @@ def train(
             parent=parent,
             ctx=ctx,
             train_labels=train_labels,
+            swap=swap,
         )
 
 
@@ -740,6 +756,9 @@ class _Setup:
     #: physical labels of the whole training set when ``train_t`` holds only this rank's shard
     train_labels: np.ndarray | None = None
 
+    #: abundance-swap augmentation (:mod:`specabund.training.swap`), or None
+    swap: Any = None
+
     @property
     def all_train_y(self) -> np.ndarray:
         return self.train_labels if self.train_labels is not None else self.train_t.y_phys
@@ -817,6 +836,7 @@ def _build_setup(
     extra_config: dict[str, Any],
     ctx: DistContext | None = None,
     train_labels: np.ndarray | None = None,
+    swap: Any = None,
 ) -> _Setup:
     """Seeded generators, the model (with the parent's weights), optimiser, schedulers and tensors;
     under torchrun also the DistributedDataParallel wrapper and the distributed sampler."""
@@ -869,6 +889,7 @@ def _build_setup(
         sampler=sampler,
         max_steps=max_steps,
         train_labels=train_labels,
+        swap=swap.to(dev) if swap is not None else None,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -990,6 +1011,8 @@ def _train_epoch(
         idx_d = idx.to(dev)
         xb, vb = setup.augmenter(data.X[idx_d], data.ivar[idx_d], setup.aug_gen)
         yb = data.y[idx_d]
+        if setup.swap is not None:
+            xb, vb, yb = setup.swap(xb, vb, yb, idx, data.y, setup.aug_gen)
         eb = data.label_var[idx_d] if data.label_var is not None else None
         with _autocast(cfg, dev):
             mu, lv = model(prepare_input(xb, vb, model_config.in_channels))
@@ -1218,6 +1241,7 @@ def _train_loop(
     errors: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
     ctx: DistContext | None = None,
     train_labels: np.ndarray | None = None,
+    swap: Any = None,
 ) -> TrainResult:
     """Build the run (:func:`_build_setup`), restore a checkpoint (:func:`_restore`), run the epochs
     (:func:`_train_epoch`, :func:`_validate`, :func:`_update_best`, :func:`_checkpoint`) and write the
@@ -1243,6 +1267,7 @@ def _train_loop(
         extra_config=extra_config,
         ctx=ctx,
         train_labels=train_labels,
+        swap=swap,
     )
     prog = _restore(setup, state, dev)
     if state is not None:

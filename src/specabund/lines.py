@@ -1,7 +1,9 @@
 """The line list (``specabund/data/linelist.csv``) and the air/vacuum wavelength conversions.
 
-The list holds absorption lines and molecular band heads at vacuum wavelengths. It drives the simulator and
-is also meant for the analysis (naming the regions a model relies on) and for plots (marking lines).
+Shared reference data of the foundation layer: the list holds absorption lines and molecular band heads at
+vacuum wavelengths. It drives the simulator (:mod:`specabund.simulate`), tells the Cannon baseline which
+pixels an element may use (:mod:`specabund.baselines`) and names the regions a model relies on
+(:mod:`specabund.analysis`).
 """
 
 from __future__ import annotations

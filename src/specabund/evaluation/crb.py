@@ -68,13 +68,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .catalog import spec_key
-from .dataset import Dataset
-from .elements import normalize_label
-from .errors import ConfigError, DataMismatchError
-from .metrics import DEFAULT_SNR_BINS, snr_bin_labels
-from .preprocess.options import PreprocessOptions
-from .preprocess.steps import (
+from ..catalog import spec_key
+from ..dataset import Dataset
+from ..elements import normalize_label
+from ..errors import ConfigError, DataMismatchError
+from ..metrics import DEFAULT_SNR_BINS, snr_bin_labels
+from ..preprocess.options import PreprocessOptions
+from ..preprocess.steps import (
     ContinuumError,
     clean,
     denoise,
@@ -84,8 +84,8 @@ from .preprocess.steps import (
     normalize,
     resample,
 )
-from .simulate import INDEPENDENT_RANGES, LABEL_COLUMNS, normalized_model_flux, simulate_spectrum
-from .spectrum import Spectrum
+from ..simulate import INDEPENDENT_RANGES, LABEL_COLUMNS, normalized_model_flux, simulate_spectrum
+from ..spectrum import Spectrum
 
 __all__ = [
     "CRB_MODES",
@@ -206,10 +206,13 @@ class _FrozenPipeline:
         fit1 = fit_continuum_details(grid, rflux, rivar, opts, z=0.0)
         self.w1 = np.where(fit1.used, rivar, 0.0)
         self.masked1 = fit1.masked
+        self.offset1 = fit1.offset  # the clipping's noise offset, a constant of the frozen fit
         self.w2: np.ndarray | None = None
+        self.offset2 = np.zeros_like(grid)
         if opts.second_pass:
             nflux, nivar = normalize(rflux, np.where(fit1.masked, 0.0, rivar), fit1.continuum)
-            self.w2 = fit_continuum_details(grid, nflux, nivar, opts, second_pass=True).used
+            fit2 = fit_continuum_details(grid, nflux, nivar, opts, second_pass=True)
+            self.w2, self.offset2 = fit2.used, fit2.offset
         # the same fits without clipping or line mask: the frozen weights carry those decisions
         self.noclip = dataclasses.replace(
             opts,
@@ -233,11 +236,11 @@ class _FrozenPipeline:
         if self.opts.denoise:
             flux, _ = denoise(flux, self.ivar_obs, self.opts)
         rflux, _ = self._resample(flux)
-        cont1 = fit_continuum(self.grid, rflux, self.w1, self.noclip, z=0.0)
+        cont1 = fit_continuum(self.grid, rflux - self.offset1, self.w1, self.noclip, z=0.0)
         nflux, nivar = normalize(rflux, np.where(self.masked1, 0.0, self.rivar), cont1)
         if self.w2 is not None:
             cont2 = fit_continuum(
-                self.grid, nflux, np.where(self.w2, nivar, 0.0), self.noclip, second_pass=True
+                self.grid, nflux - self.offset2, np.where(self.w2, nivar, 0.0), self.noclip, second_pass=True
             )
             nflux, nivar = normalize(nflux, nivar, cont2)
         return nflux, nivar > 0

@@ -1,0 +1,95 @@
+"""Abundance-swap augmentation: the simulator's response moves a spectrum to another abundance."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from specabund.simulate.synth import lamost_wavelength_grid, normalized_model_flux
+from specabund.training.swap import AbundanceSwap, abundance_response, log_flux_change, swappable_labels
+
+WAVE = lamost_wavelength_grid()[::2]
+
+
+def test_only_modelled_abundances_are_swappable() -> None:
+    labels = ["C_FE", "MG_FE", "TEFF", "LOGG", "FE_H", "ZZ_FE", "ALPHA_M", "CA_FE"]
+    assert [labels[j] for j in swappable_labels(labels)] == ["C_FE", "MG_FE", "CA_FE"]
+
+
+@pytest.mark.parametrize(("teff", "logg", "feh"), [(4600.0, 2.4, -0.4), (5900.0, 4.3, 0.0)])
+@pytest.mark.parametrize("label", ["MG_FE", "CA_FE", "C_FE"])
+def test_linear_response_reproduces_the_simulator(teff: float, logg: float, feh: float, label: str) -> None:
+    base = {"teff": teff, "logg": logg, "fe_h": feh, "c_fe": 0.05, "mg_fe": 0.1, "ca_fe": 0.08}
+    names = ["C_FE", "MG_FE", "CA_FE"]
+    abund = np.array([[base[n.lower()] for n in names]])
+    resp = abundance_response(WAVE, np.array([teff]), np.array([logg]), np.array([feh]), abund, names)
+    k = names.index(label)
+    delta = 0.25
+    f0 = normalized_model_flux(base, WAVE)
+    f1 = normalized_model_flux({**base, label.lower(): base[label.lower()] + delta}, WAVE)
+    r = resp[0, k].astype(np.float64)
+    step = log_flux_change(torch.from_numpy(r[0]), torch.from_numpy(r[1]), torch.tensor(delta)).numpy()
+    moved = f0 * np.exp(step)
+    change = np.abs(f1 - f0)
+    assert change.max() > 5e-3  # the element has lines here
+    # the quadratic step recovers the change, pixel by pixel where it matters
+    sel = change > 0.2 * change.max()
+    err = np.abs(moved - f1)[sel]
+    # (atomic lines to 1%; C's molecular bands in cool giants saturate: 6% at 0.25 dex)
+    assert np.median(err / change[sel]) < (0.08 if label == "C_FE" else 0.02)
+    assert err.max() < 0.15 * change.max()
+    # other elements' responses are zero where only this element has lines
+    assert np.all(np.isfinite(resp))
+
+
+def test_swap_moves_labels_and_flux_consistently() -> None:
+    rng = np.random.default_rng(0)
+    labels = ["MG_FE", "TEFF"]
+    n = 6
+    y = np.column_stack([rng.uniform(-0.2, 0.4, n), rng.uniform(4500, 6000, n)])
+    teff, logg, feh = y[:, 1], np.full(n, 4.0), np.full(n, -0.2)
+    mean, std = y.mean(axis=0), y.std(axis=0)
+    swap = AbundanceSwap.build(1.0, labels, y, WAVE, teff, logg, feh, std)
+    assert swap is not None and swap.cols == [0]
+    ys = torch.as_tensor((y - mean) / std, dtype=torch.float32)
+    flux = torch.stack(
+        [
+            torch.as_tensor(
+                normalized_model_flux({"teff": teff[i], "logg": 4.0, "fe_h": -0.2, "mg_fe": y[i, 0]}, WAVE)
+            )
+            for i in range(n)
+        ]
+    ).float()
+    ivar = torch.full_like(flux, 100.0)
+    idx = torch.arange(n)
+    gen = torch.Generator().manual_seed(3)
+    f2, v2, y2 = swap(flux, ivar, ys, idx, ys, gen)
+    # Teff is never touched; Mg takes values of the training pool
+    assert torch.equal(y2[:, 1], ys[:, 1])
+    pool = set(np.round(ys[:, 0].numpy(), 5))
+    assert set(np.round(y2[:, 0].numpy(), 5)) <= pool
+    # each spectrum now looks like the simulator's spectrum at its new Mg
+    new_mg = y2[:, 0].numpy() * std[0] + mean[0]
+    for i in range(n):
+        want = normalized_model_flux({"teff": teff[i], "logg": 4.0, "fe_h": -0.2, "mg_fe": new_mg[i]}, WAVE)
+        old_err = np.abs(flux[i].numpy() - want).max()
+        new_err = np.abs(f2[i].numpy() - want).max()
+        assert new_err <= 0.1 * old_err + 2e-3
+    assert torch.allclose(v2 * (f2 / flux) ** 2, ivar, rtol=1e-4)
+
+
+def test_swap_never_uses_missing_labels_or_parameters() -> None:
+    labels = ["MG_FE"]
+    y = np.array([[0.1], [np.nan], [0.3], [-0.1]])
+    teff = np.array([5000.0, 5000.0, np.nan, 5200.0])
+    swap = AbundanceSwap.build(1.0, labels, y, WAVE, teff, np.full(4, 3.0), np.zeros(4), np.array([0.2]))
+    assert swap is not None
+    assert swap.usable[:, 0].tolist() == [True, False, False, True]
+    ys = torch.as_tensor(np.nan_to_num(y / 0.2, nan=np.nan), dtype=torch.float32)
+    flux = torch.ones(4, len(WAVE))
+    f2, _, y2 = swap(flux, torch.ones_like(flux), ys, torch.arange(4), ys, torch.Generator().manual_seed(0))
+    # rows 1 and 2 are unchanged; rows 0 and 3 only take finite donor values
+    assert torch.equal(f2[1], flux[1]) and torch.equal(f2[2], flux[2])
+    assert torch.isnan(y2[1, 0]) and y2[2, 0] == ys[2, 0]
+    assert torch.isfinite(y2[[0, 3], 0]).all()
