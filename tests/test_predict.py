@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -166,6 +167,26 @@ def test_ensemble_identical_members_zero_spread(synth: dict) -> None:
     assert (out2.err_model > 0).all()
     with pytest.raises(DataMismatchError, match="ensemble"):
         predict_with_uncertainty(model, X, iv, ensemble_mode=True)
+
+
+def test_progress_callback_counts_spectra(synth: dict, tmp_path: Path) -> None:
+    model, te = synth["model"], synth["test"]
+    X, iv = te.X[:50], te.ivar[:50]
+    calls: list[int] = []
+    quiet = predict_with_uncertainty(model, X, iv, n_samples=3, batch_size=16, seed=1)
+    out = predict_with_uncertainty(model, X, iv, n_samples=3, batch_size=16, seed=1, progress=calls.append)
+    assert calls == [16, 16, 16, 2]
+    np.testing.assert_array_equal(out.mean, quiet.mean)  # reporting changes nothing
+    calls.clear()  # three members: a spectrum is done once every member has predicted it
+    ens = LoadedEnsemble(members=[model, model, model], run_dir=synth["run"])
+    predict_with_uncertainty(ens, X, iv, n_samples=1, batch_size=16, ensemble_mode=True,
+                             progress=calls.append)  # fmt: skip
+    assert sum(calls) == 50 and all(c > 0 for c in calls) and len(calls) > 3
+    calls.clear()
+    inputs = PredictionInputs.from_dataset(te.subset(np.arange(30)))
+    run_prediction(model, inputs, tmp_path / "p", n_samples=2, batch_size=8, chunk_size=20, plots=False,
+                   progress=calls.append)  # fmt: skip
+    assert calls == [8, 8, 4, 8, 2]
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -387,6 +408,9 @@ def test_cli_calibrate_then_predict(sim: dict, tmp_path: Path) -> None:
         assert (out / f).exists(), f
     tracking = pd.read_csv(tmp_path / "results" / "prediction_MG_FE_batch_results" / "batch_tracking.csv")
     assert len(tracking) == 1 and "ref_rmse" in tracking
+    logged = "".join(p.read_text() for p in (tmp_path / "logs" / "predict").glob("*.log"))
+    n_pred = summary["n_predicted"]
+    assert re.search(rf"predict: {n_pred}/{n_pred} spectra, [0-9.]+ spectra/s, elapsed \S+, ETA 0s", logged)
 
     res = runner.invoke(
         main,

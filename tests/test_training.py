@@ -67,7 +67,16 @@ def make_synthetic(
 
 
 def small_config(**kw: object) -> TrainConfig:
-    base = {"epochs": 4, "batch_size": 32, "learning_rate": 3e-3, "seed": 3, "num_threads": 1}
+    # no abundance swap: these toy spectra's "lines" are not the simulator's, so moving them along the
+    # simulator's response would only relabel spectra at random (tests/test_swap.py covers the swap)
+    base = {
+        "epochs": 4,
+        "batch_size": 32,
+        "learning_rate": 3e-3,
+        "seed": 3,
+        "num_threads": 1,
+        "augment": {"swap_prob": 0.0},
+    }
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 

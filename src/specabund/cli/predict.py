@@ -141,6 +141,14 @@ def predict_cmd(
         click.echo(f"  report: {res.out_dir / 'calibration_report.json'}; log: {log_file}")
         return
 
+    from .progress import SpectraProgress
+
+    bars: list[SpectraProgress] = []
+
+    def progress(total: int) -> Any:
+        bars.append(SpectraProgress(total, "predict"))  # spectra, spectra/s, ETA
+        return bars[-1].update
+
     with dask_client(cluster, n_workers) as client:
         res = predict_run(
             ws,
@@ -155,8 +163,11 @@ def predict_cmd(
             n_workers=n_workers,
             chunk_size=chunk_size,
             client=client,
+            progress=progress,
             **common,
         )
+    for bar in bars:
+        bar.close()
     summary = res.summary
     if "parts" in summary:  # a .zarr store or --cluster: the catalogue was written in parts
         click.echo(

@@ -68,6 +68,10 @@ def _train(
     )
     device = str(resolve_device(plan.device_request))
     outcome = run_training(plan, device, num_threads=_threads(plan.cfg), progress=True, command=_command(ctx))
+    from ..training import distributed
+
+    if not distributed.is_primary():
+        return outcome.run_dir  # torchrun: rank 0 reports
     ensemble = len(outcome.results) > 1
     for k, res in enumerate(outcome.results):
         who = f"member {k}" if ensemble else "model"

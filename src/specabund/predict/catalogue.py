@@ -175,6 +175,7 @@ def predict_catalogue(
     apply_calibration: bool = True,
     chunk_size: int = 10000,
     on_chunk: ChunkHook | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> CatalogueResult:
     """The catalogue of every input spectrum, in memory (nothing is written).
 
@@ -214,6 +215,7 @@ def predict_catalogue(
             batch_size=batch_size,
             seed=_chunk_seed(seed, k),
             ensemble_mode=ensemble_mode,
+            progress=progress,
         )
         t_pred += time.perf_counter() - t1
         pred = raw.scaled(scale)
@@ -284,6 +286,7 @@ def run_prediction(
     plots: bool = True,
     extra: dict[str, Any] | None = None,
     extra_files: Mapping[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every ``ok`` row of ``inputs`` and write the catalogue and reports (module docstring).
 
@@ -315,6 +318,9 @@ def run_prediction(
     extra_files : mapping of str to str, optional
         Further text files of the run (name -> content, e.g. ``resolved_config.toml``), committed together
         with the catalogue.
+    progress : callable, optional
+        ``progress(n)`` after every batch: ``n`` more spectra predicted (the calls add up to the number of
+        ``ok`` rows); e.g. a progress bar's ``update``.
 
     Returns
     -------
@@ -350,6 +356,7 @@ def run_prediction(
         apply_calibration=apply_calibration,
         chunk_size=chunk_size,
         on_chunk=on_chunk,
+        progress=progress,
     )
     for tr in trackers.values():
         if tr.completed():

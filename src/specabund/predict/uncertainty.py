@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -201,8 +201,11 @@ def _sample_member(
     batch_size: int,
     max_rows: int,
     seed: int,
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Standardised sample mean, sample variance of the means and mean predicted variance, ``(N, L)``."""
+    """Standardised sample mean, sample variance of the means and mean predicted variance, ``(N, L)``.
+
+    ``on_batch(b)`` is called after each batch of ``b`` spectra has all its samples."""
     net = member.model
     dev = member.device
     in_ch = member.model_config.in_channels
@@ -248,7 +251,23 @@ def _sample_member(
             mean[sl] = mu_all.mean(0).cpu().numpy()
             var[sl] = mu_all.var(0, correction=1).cpu().numpy() if k_total > 1 else 0.0
             dvar[sl] = lv_all.exp().mean(0).cpu().numpy()
+            if on_batch is not None:
+                on_batch(b)
     return mean, var, dvar, k_total
+
+
+def _spectra_counter(progress: Callable[[int], None], n_members: int) -> Callable[[int], None]:
+    """Turns batches of member passes into whole spectra for ``progress`` (M member passes = 1 spectrum)."""
+    passes = {"done": 0, "reported": 0}
+
+    def on_batch(b: int) -> None:
+        passes["done"] += b
+        whole = passes["done"] // n_members
+        if whole > passes["reported"]:
+            progress(whole - passes["reported"])
+            passes["reported"] = whole
+
+    return on_batch
 
 
 def predict_with_uncertainty(
@@ -262,6 +281,7 @@ def predict_with_uncertainty(
     max_rows: int | None = None,
     seed: int = 0,
     ensemble_mode: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> UncertainPrediction:
     """Predict labels with MC-Dropout (and ensemble) model uncertainty and the predicted data uncertainty.
 
@@ -285,6 +305,10 @@ def predict_with_uncertainty(
         Seed of the dropout masks (member ``k`` uses ``seed + k``).
     ensemble_mode : bool
         Combine the members of an ensemble (see :func:`members_of`).
+    progress : callable, optional
+        ``progress(n)`` is called as the work advances, ``n`` being the number of spectra completed since the
+        previous call (with M members a spectrum counts as done in proportions of 1/M; the calls add up to
+        ``len(X)``). For progress bars and logs: this function prints nothing itself.
 
     Returns
     -------
@@ -304,8 +328,9 @@ def predict_with_uncertainty(
     rows = max(int(max_rows or batch_size), 1)
     means, mvars, dvars = [], [], []
     k_used = 1
+    on_batch = _spectra_counter(progress, len(members)) if progress is not None else None
     for k, m in enumerate(members):
-        mu, var, dvar, k_used = _sample_member(m, X, ivar, n_samples, batch_size, rows, seed + k)
+        mu, var, dvar, k_used = _sample_member(m, X, ivar, n_samples, batch_size, rows, seed + k, on_batch)
         std = m.scaler.std
         means.append(m.scaler.inverse(mu))
         mvars.append(var * std**2)

@@ -7,6 +7,13 @@ restores the caller's global RNG state afterwards; the global state used during 
 checkpoint, so a resumed run continues the identical random sequence. On the CPU two runs with the same
 config, data and thread count give bit-identical weights; on CUDA ``deterministic=True`` asks torch for
 deterministic kernels (``warn_only``) for the duration of the call.
+
+Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) :func:`train` trains with
+DistributedDataParallel (see :mod:`specabund.training.distributed`): ``batch_size`` is the global batch,
+split over the processes, each taking its shard of a ``DistributedSampler``; validation is split and
+gathered; rank 0 alone writes and decides when to stop. Every process must be given the same data and run
+folder. Ranks other than 0 use their own dropout and augmentation streams, all saved in the checkpoint, so a
+resumed distributed run (with the same number of processes) equals an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from ..models import ModelConfig, build_model
 from ..plotting import save_figure
 from ..tracking import BatchTracker
 from ..utils import atomic_write, hash_json, reject_unknown_keys
-from . import plots
+from . import distributed, plots
 from .data import (
     AugmentConfig,
     Augmenter,
@@ -47,6 +54,7 @@ from .data import (
     select_labels,
     training_rows,
 )
+from .distributed import DistContext
 from .loss import LOSSES, masked_mse, training_loss
 from .saved import (
     CHECKPOINT_FILE,
@@ -363,21 +371,25 @@ def _steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 @torch.inference_mode()
-def _evaluate_split(
-    model: nn.Module, data: _Tensors, in_channels: int, cfg: TrainConfig, dev: torch.device
-) -> tuple[float, np.ndarray, np.ndarray]:
-    """Validation loss (``cfg.loss``, standardised units) and the standardised mean and log-variance."""
+def _evaluate_rows(
+    model: nn.Module,
+    data: _Tensors,
+    in_channels: int,
+    cfg: TrainConfig,
+    dev: torch.device,
+    start: int,
+    stop: int,
+) -> tuple[float, int, np.ndarray, np.ndarray]:
+    """Rows ``start:stop`` of a split: the loss summed over the label values, their number, and the
+    standardised mean and log-variance."""
     model.eval()
     total, count = 0.0, 0
-    mus, lvs = [], []
-    n = len(data.X)
-    for s in range(0, n, cfg.eval_batch_size):
-        xb, vb, yb = (
-            data.X[s : s + cfg.eval_batch_size],
-            data.ivar[s : s + cfg.eval_batch_size],
-            data.y[s : s + cfg.eval_batch_size],
-        )
-        eb = data.label_var[s : s + cfg.eval_batch_size] if data.label_var is not None else None
+    n_lab = int(data.y.shape[1])
+    mus, lvs = [np.zeros((0, n_lab))], [np.zeros((0, n_lab))]
+    for s in range(start, stop, cfg.eval_batch_size):
+        e = min(s + cfg.eval_batch_size, stop)
+        xb, vb, yb = data.X[s:e], data.ivar[s:e], data.y[s:e]
+        eb = data.label_var[s:e] if data.label_var is not None else None
         with _autocast(cfg, dev):
             mu, lv = model(prepare_input(xb, vb, in_channels))
         mu, lv = mu.float(), lv.float()
@@ -386,7 +398,15 @@ def _evaluate_split(
         count += k
         mus.append(mu.double().cpu().numpy())
         lvs.append(lv.double().cpu().numpy())
-    return total / max(count, 1), np.concatenate(mus), np.concatenate(lvs)
+    return total, count, np.concatenate(mus), np.concatenate(lvs)
+
+
+def _evaluate_split(
+    model: nn.Module, data: _Tensors, in_channels: int, cfg: TrainConfig, dev: torch.device
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Validation loss (``cfg.loss``, standardised units) and the standardised mean and log-variance."""
+    total, count, mu, lv = _evaluate_rows(model, data, in_channels, cfg, dev, 0, len(data.X))
+    return total / max(count, 1), mu, lv
 
 
 def _autocast(cfg: TrainConfig, dev: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -408,10 +428,17 @@ def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> pd.DataFram
 
 
 def _fingerprint(
-    model_config: ModelConfig, train_config: TrainConfig, labels: list[str], hashes: dict[str, str]
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    labels: list[str],
+    hashes: dict[str, str],
+    world_size: int = 1,
 ) -> str:
     tc = {k: v for k, v in train_config.to_dict().items() if k not in RESUME_FREE_FIELDS}
-    return hash_json({"model": model_config.to_dict(), "train": tc, "labels": labels, **hashes})
+    spec: dict[str, Any] = {"model": model_config.to_dict(), "train": tc, "labels": labels, **hashes}
+    if world_size > 1:  # the data order and the steps per epoch depend on it
+        spec["world_size"] = world_size
+    return hash_json(spec)
 
 
 def _refresh_plots(
@@ -448,6 +475,7 @@ def train(
     name: str | None = None,
     extra_config: Mapping[str, Any] | None = None,
     init_from: str | Path | None = None,
+    train_sharded: bool = False,
 ) -> TrainResult:
     """Train a network and save it as a run folder (see :mod:`specabund.training.saved`).
 
@@ -491,6 +519,16 @@ def train(
         ``train_config.freeze_epochs`` first epochs train only the head. ``config.json`` records the
         parent (``init_from``: folder, labels, weights hash).
 
+    train_sharded : bool
+        Under torchrun: ``dataset_train`` is already this process's own shard (e.g. read by rank from a
+        store) rather than the whole training set; it is then used as it is instead of through a
+        ``DistributedSampler``. The label standardisation, label range and data hash are those of all
+        shards together; every epoch takes as many steps as the smallest shard allows. Ignored without
+        torchrun.
+
+    Under ``torchrun`` every process calls this with the same arguments (module docstring); rank 0 writes
+    the outputs and the callbacks run on rank 0 only (their request to stop is passed to every rank).
+
     Returns
     -------
     TrainResult
@@ -511,6 +549,13 @@ def train(
     name = name or "_".join(labels)
     cfg = train_config
     dev = resolve_device(cfg.device)
+    ctx = distributed.context()
+    if ctx.enabled:
+        dev, cfg = _rank_device_and_threads(dev, cfg, ctx)
+        rank_batch_size(cfg.batch_size, ctx.world_size)  # fail early, on every rank
+        dirs = distributed.all_gather(str(run_dir.resolve()))
+        if len(set(dirs)) > 1:
+            raise ConfigError(f"the torchrun processes were given different run folders: {sorted(set(dirs))}")
     if cfg.amp and dev.type != "cuda":
         logger.info("amp requested on %s: mixed precision is used on CUDA only; training in float32", dev)
 
@@ -531,9 +576,13 @@ def train(
         ev = _label_errors(dataset_val, labels, "validation")
         if et is not None:
             hashes["train_label_err_hash"] = data_hash(et[:, :1], et[:, :1], et)
+    train_labels = None
+    train_sharded = train_sharded and ctx.enabled
+    if train_sharded:
+        scaler, hashes, train_labels = _combine_shards(yt, hashes, labels)
     if parent is not None:
         hashes["init_from_weights"] = parent["weights_sha256"]
-    fingerprint = _fingerprint(model_config, cfg, labels, hashes)
+    fingerprint = _fingerprint(model_config, cfg, labels, hashes, ctx.world_size)
     swap = None
     if cfg.augment.enabled and cfg.augment.swap_prob > 0:
         from .swap import AbundanceSwap
@@ -553,8 +602,17 @@ def train(
     ckpt_path = run_dir / CHECKPOINT_FILE
     state: dict[str, Any] | None = None
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state.get("fingerprint") != fingerprint:
+        state = load_checkpoint(ckpt_path)  # every rank reads the same checkpoint
+        if int(state.get("world_size", 1)) != ctx.world_size and not state.get("finished"):
+            raise ConfigError(
+                f"{run_dir}: cannot resume, the run was trained by {state.get('world_size', 1)} process(es) "
+                f"and this launch has {ctx.world_size}; resume with the same --nproc-per-node"
+            )
+        expected = fingerprint
+        if state.get("finished") and int(state.get("world_size", 1)) != ctx.world_size:
+            # a finished run is returned as it is, whatever number of processes trained it
+            expected = _fingerprint(model_config, cfg, labels, hashes, int(state.get("world_size", 1)))
+        if state.get("fingerprint") != expected:
             raise ConfigError(
                 f"{run_dir}: cannot resume, the checkpoint was made with a different configuration, label "
                 "set or data; use another run folder or overwrite"
@@ -585,8 +643,33 @@ def train(
             name=name,
             extra_config=dict(extra_config or {}),
             parent=parent,
+            ctx=ctx,
+            train_labels=train_labels,
             swap=swap,
         )
+
+
+def _combine_shards(
+    y: np.ndarray, hashes: dict[str, str], labels: list[str]
+) -> tuple[LabelScaler, dict[str, str], np.ndarray]:
+    """Label standardisation, data hashes and labels of the whole training set from every rank's shard."""
+    parts = distributed.all_gather((y, hashes))
+    y_all = np.concatenate([p[0] for p in parts])
+    keys = sorted({k for _, h in parts for k in h})
+    combined = {k: hash_json([h.get(k) for _, h in parts]) for k in keys}
+    return LabelScaler.fit(y_all, labels), combined, y_all.astype(np.float64)
+
+
+def _rank_device_and_threads(
+    dev: torch.device, cfg: TrainConfig, ctx: DistContext
+) -> tuple[torch.device, TrainConfig]:
+    """Under torchrun: GPU ``LOCAL_RANK`` on CUDA; on the CPU the threads shared among the local ranks."""
+    if dev.type == "cuda":
+        return torch.device("cuda", ctx.local_rank), cfg
+    if cfg.num_threads > 0 and ctx.local_world_size > 1:
+        cfg = copy.copy(cfg)
+        cfg.num_threads = max(1, cfg.num_threads // ctx.local_world_size)
+    return dev, cfg
 
 
 def _parent_run(run_dir: Path, dataset: Dataset) -> dict[str, Any]:
@@ -654,6 +737,496 @@ def _set_trunk_frozen(model: nn.Module, frozen: bool) -> None:
                 m.eval()
 
 
+@dataclass
+class _Setup:
+    """What one training run works with (built by :func:`_build_setup`, unchanged by the epochs)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    grad_scaler: torch.amp.GradScaler
+    use_scaler: bool
+    augmenter: Augmenter
+    train_t: _Tensors
+    val_t: _Tensors
+    shuffle_gen: torch.Generator
+    aug_gen: torch.Generator
+    extra_config: dict[str, Any]
+    ctx: DistContext = field(default_factory=DistContext)
+    #: the module trained (``model`` wrapped in DistributedDataParallel under torchrun, else ``model``)
+    net: nn.Module | None = None
+    #: spectra per optimiser step on this rank
+    batch_size: int = 0
+    #: under torchrun: shards the training set over the ranks, reshuffled every epoch
+    sampler: torch.utils.data.DistributedSampler[int] | None = None
+    #: steps per epoch when the ranks hold shards of different sizes (0: all batches)
+    max_steps: int = 0
+    #: physical labels of the whole training set when ``train_t`` holds only this rank's shard
+    train_labels: np.ndarray | None = None
+
+    #: abundance-swap augmentation (:mod:`specabund.training.swap`), or None
+    swap: Any = None
+
+    @property
+    def all_train_y(self) -> np.ndarray:
+        return self.train_labels if self.train_labels is not None else self.train_t.y_phys
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.net if self.net is not None else self.model
+
+
+@dataclass
+class _Progress:
+    """Bookkeeping carried from epoch to epoch and saved in the checkpoint."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val: float = math.inf
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+    epoch: int = 0
+    finished: bool = False
+    stopped_early: bool = False
+
+
+@dataclass
+class _Validation:
+    """One pass over the validation set."""
+
+    loss: float
+    mu: np.ndarray  # standardised means
+    lv: np.ndarray  # standardised log-variances
+    pred: np.ndarray  # physical means
+    metrics: dict[str, dict[str, float]]
+
+
+def _seeded_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Shuffling and augmentation generators derived from the config seed."""
+    seeds = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(seeds[0])), torch.Generator().manual_seed(int(seeds[1]))
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Seed of the dropout and augmentation streams of rank ``rank > 0`` (rank 0 keeps ``seed``'s)."""
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0])
+
+
+def rank_batch_size(batch_size: int, world_size: int) -> int:
+    """Spectra per step on each rank: ``batch_size`` is the global batch, split over the ranks.
+
+    Raises
+    ------
+    ConfigError
+        When fewer than 2 spectra per rank would remain (batch norm needs 2).
+    """
+    per = batch_size // world_size
+    if per < 2:
+        raise ConfigError(
+            f"batch_size {batch_size} over {world_size} processes leaves {per} spectra per process; "
+            "batch norm needs at least 2 (raise batch_size)"
+        )
+    return per
+
+
+def _build_setup(
+    *,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    dev: torch.device,
+    train_np: tuple[np.ndarray, np.ndarray, np.ndarray],
+    val_np: tuple[np.ndarray, np.ndarray, np.ndarray],
+    errors: tuple[np.ndarray | None, np.ndarray | None],
+    scaler: LabelScaler,
+    wavelength: np.ndarray,
+    parent: dict[str, Any] | None,
+    extra_config: dict[str, Any],
+    ctx: DistContext | None = None,
+    train_labels: np.ndarray | None = None,
+    swap: Any = None,
+) -> _Setup:
+    """Seeded generators, the model (with the parent's weights), optimiser, schedulers and tensors;
+    under torchrun also the DistributedDataParallel wrapper and the distributed sampler."""
+    ctx = ctx or DistContext()
+    # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
+    # initialisation and dropout reproducible from the config seed.
+    torch.manual_seed(cfg.seed)
+    shuffle_gen, aug_gen = _seeded_generators(cfg.seed)
+    n_pixels = int(train_np[0].shape[1])
+    model = build_model(model_config, n_pixels, len(labels))
+    if parent is not None:
+        copied = _load_parent_weights(model, parent, labels)
+        logger.info(
+            "initialised %d of %d tensors from %s", len(copied), len(model.state_dict()), parent["run_dir"]
+        )
+        extra_config = {
+            **extra_config,
+            "init_from": {
+                "run_dir": parent["run_dir"],
+                "labels": parent["labels"],
+                "weights_sha256": parent["weights_sha256"],
+                "preprocess_hash": parent["preprocess_hash"],
+                "tensors_copied": len(copied),
+                "freeze_epochs": cfg.freeze_epochs,
+            },
+        }
+    model = model.to(dev)
+    n_train = len(train_np[0])
+    net, sampler, batch_size = None, None, cfg.batch_size
+    steps = _steps_per_epoch(n_train, batch_size)
+    max_steps = 0
+    if ctx.enabled:
+        sharded = train_labels is not None
+        net, sampler, batch_size = _distribute(model, cfg, dev, ctx, n_train, parent is not None, sharded)
+        if sampler is not None:
+            steps = _steps_per_epoch(sampler.num_samples, batch_size)
+        else:  # own shard: every rank must take the same number of steps
+            steps = max_steps = min(distributed.all_gather(_steps_per_epoch(n_train, batch_size)))
+        if ctx.rank > 0:  # own dropout masks and augmentations (identical initial weights on all ranks)
+            torch.manual_seed(_rank_seed(cfg.seed, ctx.rank))
+            aug_gen.manual_seed(_rank_seed(cfg.seed + 1, ctx.rank))
+            shuffle_gen.manual_seed(_rank_seed(cfg.seed + 2, ctx.rank))
+    optimizer = _make_optimizer(model, cfg)
+    scheduler = _make_scheduler(optimizer, cfg, steps)
+    use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "fp16"
+    return _Setup(
+        ctx=ctx,
+        net=net,
+        batch_size=batch_size,
+        sampler=sampler,
+        max_steps=max_steps,
+        train_labels=train_labels,
+        swap=swap.to(dev) if swap is not None else None,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        grad_scaler=torch.amp.GradScaler("cuda", enabled=use_scaler),
+        use_scaler=use_scaler,
+        augmenter=Augmenter(cfg.augment, wavelength),
+        train_t=_to_tensors(*train_np, scaler, dev, errors[0]),
+        val_t=_to_tensors(*val_np, scaler, dev, errors[1]),
+        shuffle_gen=shuffle_gen,
+        aug_gen=aug_gen,
+        extra_config=extra_config,
+    )
+
+
+def _distribute(
+    model: nn.Module,
+    cfg: TrainConfig,
+    dev: torch.device,
+    ctx: DistContext,
+    n_train: int,
+    fine_tune: bool,
+    sharded: bool = False,
+) -> tuple[nn.Module, torch.utils.data.DistributedSampler[int] | None, int]:
+    """The DistributedDataParallel wrapper, the sampler sharding the training rows (none when the data are
+    already this rank's shard), the per-rank batch."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DistributedSampler
+
+    batch_size = rank_batch_size(cfg.batch_size, ctx.world_size)
+    net = DistributedDataParallel(
+        model,
+        device_ids=[dev.index] if dev.type == "cuda" else None,
+        # with freeze_epochs the frozen trunk receives no gradients for a while
+        find_unused_parameters=fine_tune and cfg.freeze_epochs > 0,
+    )
+    shuffle_seed = int(np.random.SeedSequence(cfg.seed).generate_state(1, dtype=np.uint32)[0])
+    sampler = None
+    if not sharded:
+        sampler = DistributedSampler(
+            range(n_train), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=shuffle_seed
+        )
+    if ctx.is_primary:
+        logger.info(
+            "DistributedDataParallel over %d processes: %d spectra per process and step (global batch %d), "
+            "%s",
+            ctx.world_size,
+            batch_size,
+            batch_size * ctx.world_size,
+            f"{_steps_per_epoch(sampler.num_samples, batch_size)} steps per epoch"
+            if sampler is not None
+            else "training data sharded by the caller",
+        )
+    return net, sampler, batch_size
+
+
+def _epoch_batches(setup: _Setup, epoch: int) -> list[torch.Tensor]:
+    """This rank's shuffled index batches of ``epoch``: the whole training set in one process, its shard
+    of the distributed sampler (reshuffled with ``set_epoch``) under torchrun. Every rank gets the same
+    number of batches; a final batch of a single spectrum is dropped."""
+    if setup.sampler is None:
+        # a store's rows come chunk by chunk (shuffled chunks, then rows within a buffer of chunks)
+        n = len(setup.train_t.X)
+        out = batch_order(setup.train_t.X, n, setup.batch_size or 1, setup.shuffle_gen, _batches)
+        return out[: setup.max_steps] if setup.max_steps else out
+    setup.sampler.set_epoch(epoch)
+    idx = torch.tensor(list(setup.sampler), dtype=torch.long)
+    out = list(torch.split(idx, setup.batch_size))
+    if len(out) > 1 and len(out[-1]) < 2:
+        out.pop()
+    return out
+
+
+def _restore(setup: _Setup, state: dict[str, Any] | None, dev: torch.device) -> _Progress:
+    """Load a checkpoint into the setup (weights, optimiser, schedulers, random streams) and return its
+    bookkeeping; a fresh :class:`_Progress` without one."""
+    if state is None:
+        return _Progress()
+    setup.model.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    if setup.scheduler is not None and state.get("scheduler") is not None:
+        setup.scheduler.load_state_dict(state["scheduler"])
+    if state.get("grad_scaler"):
+        setup.grad_scaler.load_state_dict(state["grad_scaler"])
+    rng = state
+    ranks = state.get("rank_rng")
+    if setup.ctx.enabled and ranks is not None and len(ranks) == setup.ctx.world_size:
+        rng = ranks[setup.ctx.rank]  # this rank's own dropout and augmentation streams
+    torch.set_rng_state(rng["rng_torch"])
+    if dev.type == "cuda" and "rng_cuda" in rng:
+        torch.cuda.set_rng_state(rng["rng_cuda"], dev)
+    setup.shuffle_gen.set_state(rng.get("rng_shuffle", state["rng_shuffle"]))
+    setup.aug_gen.set_state(rng["rng_augment"])
+    return _Progress(
+        history=list(state["history"]),
+        best_val=float(state["best_val"]),
+        best_epoch=int(state["best_epoch"]),
+        best_state=state["best_state"],
+        bad_epochs=int(state["bad_epochs"]),
+        epoch=int(state["epoch"]),
+        finished=bool(state["finished"]),
+        stopped_early=bool(state.get("stopped_early", False)),
+    )
+
+
+def _train_epoch(
+    setup: _Setup,
+    batches: Sequence[torch.Tensor],
+    *,
+    cfg: TrainConfig,
+    model_config: ModelConfig,
+    dev: torch.device,
+    use_mse: bool,
+) -> tuple[float, int]:
+    """One pass of optimiser steps over ``batches`` (index tensors into the training tensors).
+
+    Returns the sum of the batch losses weighted by batch size, and the number of spectra.
+    """
+    model, opt, gs, data = setup.trained, setup.optimizer, setup.grad_scaler, setup.train_t
+    loss_sum, loss_n = 0.0, 0
+    for idx in batches:
+        idx_d = idx.to(dev)
+        xb, vb = setup.augmenter(data.X[idx_d], data.ivar[idx_d], setup.aug_gen)
+        yb = data.y[idx_d]
+        if setup.swap is not None:
+            xb, vb, yb = setup.swap(xb, vb, yb, idx, data.y, setup.aug_gen)
+        eb = data.label_var[idx_d] if data.label_var is not None else None
+        with _autocast(cfg, dev):
+            mu, lv = model(prepare_input(xb, vb, model_config.in_channels))
+        loss = (
+            masked_mse(mu, yb)
+            if use_mse
+            else training_loss(
+                cfg.loss,
+                mu,
+                lv,
+                yb,
+                model_config.logvar_min,
+                model_config.logvar_max,
+                cfg.beta,
+                label_var=eb,
+            )
+        )
+        opt.zero_grad(set_to_none=True)
+        gs.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            gs.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gs.step(opt)
+        gs.update()
+        if setup.scheduler is not None and cfg.scheduler in ("onecycle", "cosine"):
+            setup.scheduler.step()
+        loss_sum += float(loss.detach()) * len(idx)
+        loss_n += len(idx)
+    return loss_sum, loss_n
+
+
+def _validate(
+    setup: _Setup,
+    cfg: TrainConfig,
+    in_channels: int,
+    dev: torch.device,
+    scaler: LabelScaler,
+    labels: list[str],
+) -> _Validation:
+    """Validation loss, predictions and per-label metrics (physical units) of the current weights.
+
+    Under torchrun every rank predicts a contiguous share of the validation set (with rank 0's batch-norm
+    statistics) and the shares are gathered, so every rank holds the metrics of the whole set.
+    """
+    ctx = setup.ctx
+    if not ctx.enabled:
+        loss, mu, lv = _evaluate_split(setup.model, setup.val_t, in_channels, cfg, dev)
+    else:
+        _sync_buffers(setup.model)
+        n = len(setup.val_t.X)
+        lo, hi = ctx.rank * n // ctx.world_size, (ctx.rank + 1) * n // ctx.world_size
+        parts = distributed.all_gather(
+            _evaluate_rows(setup.model, setup.val_t, in_channels, cfg, dev, lo, hi)
+        )
+        loss = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
+        mu, lv = np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+    pred = scaler.inverse(mu)
+    return _Validation(loss, mu, lv, pred, _label_metrics(setup.val_t.y_phys, pred, labels))
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every rank: DDP broadcasts them at the start of
+    each training forward, so after an epoch the ranks hold the statistics of their own last batch."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
+
+
+def _reduce_sums(loss_sum: float, loss_n: int, setup: _Setup, dev: torch.device) -> tuple[float, int]:
+    """Training-loss sums of all ranks (the local ones when not distributed)."""
+    if not setup.ctx.enabled:
+        return loss_sum, loss_n
+    import torch.distributed as dist
+
+    t = torch.tensor([loss_sum, float(loss_n)], dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return float(t[0]), int(t[1])
+
+
+def _update_best(prog: _Progress, epoch: int, val_loss: float, model: nn.Module, cfg: TrainConfig) -> bool:
+    """Keep the weights of an improved epoch, count the others; whether early stopping triggers."""
+    if val_loss < prog.best_val - cfg.min_delta:
+        prog.best_val, prog.best_epoch, prog.bad_epochs = val_loss, epoch, 0
+        prog.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        prog.bad_epochs += 1
+    return cfg.early_stopping > 0 and prog.bad_epochs >= cfg.early_stopping
+
+
+def _epoch_row(
+    epoch: int,
+    train_loss: float,
+    val: _Validation,
+    *,
+    use_mse: bool,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    best_epoch: int,
+    labels: list[str],
+) -> dict[str, Any]:
+    """The ``metrics.csv`` row of one epoch (timing and memory are added by the caller)."""
+    row: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": train_loss,
+        "val_loss": val.loss,
+        "loss_kind": "mse_warmup" if use_mse else cfg.loss,
+        "lr": float(optimizer.param_groups[0]["lr"]),
+        "best_epoch": best_epoch,
+    }
+    for lab in labels:
+        for key in METRIC_KEYS:
+            row[f"{lab}_{key}"] = val.metrics[lab][key]
+    return row
+
+
+def _checkpoint(setup: _Setup, prog: _Progress, fingerprint: str, dev: torch.device) -> dict[str, Any]:
+    """Everything needed to continue after ``prog.epoch`` exactly as an uninterrupted run would."""
+    ckpt = {
+        "fingerprint": fingerprint,
+        "epoch": prog.epoch,
+        "model": {k: v.detach().cpu() for k, v in setup.model.state_dict().items()},
+        "optimizer": setup.optimizer.state_dict(),
+        "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
+        "grad_scaler": setup.grad_scaler.state_dict() if setup.use_scaler else {},
+        "history": prog.history,
+        "best_val": prog.best_val,
+        "best_epoch": prog.best_epoch,
+        "best_state": prog.best_state,
+        "bad_epochs": prog.bad_epochs,
+        "finished": False,
+        "stopped_early": prog.stopped_early,
+        "rng_torch": torch.get_rng_state(),
+        "rng_shuffle": setup.shuffle_gen.get_state(),
+        "rng_augment": setup.aug_gen.get_state(),
+    }
+    if dev.type == "cuda":
+        ckpt["rng_cuda"] = torch.cuda.get_rng_state(dev)
+    if setup.ctx.enabled:  # every rank's own random streams (a collective: all ranks call this)
+        mine = {k: ckpt[k] for k in ("rng_torch", "rng_shuffle", "rng_augment", "rng_cuda") if k in ckpt}
+        ckpt["rank_rng"] = distributed.all_gather(mine)
+        ckpt["world_size"] = setup.ctx.world_size
+    return ckpt
+
+
+def _saved_config(
+    *,
+    setup: _Setup,
+    prog: _Progress,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    scaler: LabelScaler,
+    wavelength: np.ndarray,
+    preprocess_hash: str,
+    hashes: dict[str, str],
+    final_metrics: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """The content of ``config.json``."""
+    y_phys = setup.all_train_y
+    return {
+        "format_version": 1,
+        "specabund_version": __version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model_config.to_dict(),
+        "train": cfg.to_dict(),
+        "labels": labels,
+        "label_mean": scaler.mean.tolist(),
+        "label_std": scaler.std.tolist(),
+        "wavelength": grid_info(wavelength),
+        "preprocess_hash": str(preprocess_hash),
+        **hashes,
+        "n_train": len(y_phys),
+        "n_val": len(setup.val_t.X),
+        "best_epoch": prog.best_epoch,
+        "best_val_loss": prog.best_val,
+        "epochs_run": len(prog.history),
+        "stopped_early": prog.stopped_early,
+        "final_metrics": final_metrics,
+        "label_range": {
+            "min": np.nanmin(np.where(np.isfinite(y_phys), y_phys, np.inf), axis=0).tolist(),
+            "max": np.nanmax(np.where(np.isfinite(y_phys), y_phys, -np.inf), axis=0).tolist(),
+        },
+        **setup.extra_config,
+    }
+
+
+def _best_metrics(prog: _Progress, val_t: _Tensors, labels: list[str]) -> dict[str, dict[str, float]]:
+    """Per-label validation metrics of the best epoch, with the number of validation values."""
+    best_row = next(r for r in prog.history if int(r["epoch"]) == prog.best_epoch)
+    final_metrics = {lab: {k: best_row[f"{lab}_{k}"] for k in METRIC_KEYS} for lab in labels}
+    for lab in labels:
+        final_metrics[lab]["n"] = int(np.isfinite(val_t.y_phys[:, labels.index(lab)]).sum())
+    return final_metrics
+
+
+def _mark_checkpoint_finished(path: Path, stopped_early: bool) -> None:
+    final_state = load_checkpoint(path)
+    if not final_state.get("finished"):
+        final_state["finished"] = True
+        final_state["stopped_early"] = stopped_early
+        save_checkpoint(path, final_state)
+
+
 def _train_loop(
     *,
     run_dir: Path,
@@ -676,263 +1249,238 @@ def _train_loop(
     extra_config: dict[str, Any],
     parent: dict[str, Any] | None = None,
     errors: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+    ctx: DistContext | None = None,
+    train_labels: np.ndarray | None = None,
     swap: Any = None,
 ) -> TrainResult:
-    # The global generator is forked by _torch_runtime (restored on exit); seeding it here makes weight
-    # initialisation and dropout reproducible from the config seed.
-    torch.manual_seed(cfg.seed)
-    seeds = np.random.SeedSequence(cfg.seed).generate_state(2, dtype=np.uint32)
-    shuffle_gen = torch.Generator().manual_seed(int(seeds[0]))
-    aug_gen = torch.Generator().manual_seed(int(seeds[1]))
+    """Build the run (:func:`_build_setup`), restore a checkpoint (:func:`_restore`), run the epochs
+    (:func:`_train_epoch`, :func:`_validate`, :func:`_update_best`, :func:`_checkpoint`) and write the
+    saved model (:func:`_finish`).
 
-    n_pixels = int(train_np[0].shape[1])
-    model = build_model(model_config, n_pixels, len(labels))
-    if parent is not None:
-        copied = _load_parent_weights(model, parent, labels)
-        logger.info(
-            "initialised %d of %d tensors from %s", len(copied), len(model.state_dict()), parent["run_dir"]
-        )
-        extra_config = {
-            **extra_config,
-            "init_from": {
-                "run_dir": parent["run_dir"],
-                "labels": parent["labels"],
-                "weights_sha256": parent["weights_sha256"],
-                "preprocess_hash": parent["preprocess_hash"],
-                "tensors_copied": len(copied),
-                "freeze_epochs": cfg.freeze_epochs,
-            },
-        }
-    model = model.to(dev)
-    optimizer = _make_optimizer(model, cfg)
-    steps = _steps_per_epoch(len(train_np[0]), cfg.batch_size)
-    scheduler = _make_scheduler(optimizer, cfg, steps)
-    use_scaler = cfg.amp and dev.type == "cuda" and cfg.amp_dtype == "fp16"
-    grad_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    augmenter = Augmenter(cfg.augment, wavelength)
-    train_t = _to_tensors(*train_np, scaler, dev, errors[0])
-    val_t = _to_tensors(*val_np, scaler, dev, errors[1])
-    if swap is not None:
-        swap = swap.to(dev)
-
-    history: list[dict[str, Any]] = []
-    best_val = math.inf
-    best_epoch = 0
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs = 0
-    start_epoch = 0
-    finished = False
-    stopped_early = False
+    Under torchrun (``ctx.enabled``) every rank trains its shard and validates its share; rank 0 alone
+    writes ``metrics.csv``, the plots, the checkpoint and the saved model and runs the callbacks; its
+    decision to stop (early stopping or a callback) is broadcast to the others.
+    """
+    ctx = ctx or DistContext()
+    primary = ctx.is_primary
+    setup = _build_setup(
+        labels=labels,
+        model_config=model_config,
+        cfg=cfg,
+        dev=dev,
+        train_np=train_np,
+        val_np=val_np,
+        errors=errors,
+        scaler=scaler,
+        wavelength=wavelength,
+        parent=parent,
+        extra_config=extra_config,
+        ctx=ctx,
+        train_labels=train_labels,
+        swap=swap,
+    )
+    prog = _restore(setup, state, dev)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if state.get("grad_scaler"):
-            grad_scaler.load_state_dict(state["grad_scaler"])
-        history = list(state["history"])
-        best_val = float(state["best_val"])
-        best_epoch = int(state["best_epoch"])
-        best_state = state["best_state"]
-        bad_epochs = int(state["bad_epochs"])
-        start_epoch = int(state["epoch"])
-        finished = bool(state["finished"])
-        stopped_early = bool(state.get("stopped_early", False))
-        torch.set_rng_state(state["rng_torch"])
-        if dev.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], dev)
-        shuffle_gen.set_state(state["rng_shuffle"])
-        aug_gen.set_state(state["rng_augment"])
-        logger.info("resuming %s after epoch %d", run_dir, start_epoch)
+        logger.info("resuming %s after epoch %d", run_dir, prog.epoch)
 
-    tracker = BatchTracker(plot_dir, name) if plot_dir is not None else None
-    epochs = range(start_epoch + 1, cfg.epochs + 1)
+    tracker = BatchTracker(plot_dir, name) if plot_dir is not None and primary else None
     bar = None
-    if progress and not finished:
+    if progress and not prog.finished and primary:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.epochs, initial=start_epoch, desc=f"train {name}", unit="epoch")
+        bar = tqdm(total=cfg.epochs, initial=prog.epoch, desc=f"train {name}", unit="epoch")
     in_ch = model_config.in_channels
-    n_train = len(train_t.X)
-    mu_v = lv_v = None
+    val: _Validation | None = None
     try:
-        for epoch in epochs:
-            if finished:
+        for epoch in range(prog.epoch + 1, cfg.epochs + 1):
+            if prog.finished:
                 break
             t0 = time.perf_counter()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            model.train()
-            freeze = parent is not None and epoch <= cfg.freeze_epochs
-            _set_trunk_frozen(model, freeze)
+            setup.model.train()
+            _set_trunk_frozen(setup.model, parent is not None and epoch <= cfg.freeze_epochs)
             use_mse = epoch <= cfg.mse_warmup_epochs
-            loss_sum, loss_n = 0.0, 0
-            for idx in batch_order(train_t.X, n_train, cfg.batch_size, shuffle_gen, _batches):
-                idx_d = idx.to(dev)
-                xb, vb = augmenter(train_t.X[idx_d], train_t.ivar[idx_d], aug_gen)
-                yb = train_t.y[idx_d]
-                if swap is not None:
-                    xb, vb, yb = swap(xb, vb, yb, idx, train_t.y, aug_gen)
-                eb = train_t.label_var[idx_d] if train_t.label_var is not None else None
-                with _autocast(cfg, dev):
-                    mu, lv = model(prepare_input(xb, vb, in_ch))
-                loss = (
-                    masked_mse(mu, yb)
-                    if use_mse
-                    else training_loss(
-                        cfg.loss,
-                        mu,
-                        lv,
-                        yb,
-                        model_config.logvar_min,
-                        model_config.logvar_max,
-                        cfg.beta,
-                        label_var=eb,
-                    )
-                )
-                optimizer.zero_grad(set_to_none=True)
-                grad_scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    grad_scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                grad_scaler.step(optimizer)
-                grad_scaler.update()
-                if scheduler is not None and cfg.scheduler in ("onecycle", "cosine"):
-                    scheduler.step()
-                loss_sum += float(loss.detach()) * len(idx)
-                loss_n += len(idx)
+            loss_sum, loss_n = _train_epoch(
+                setup,
+                _epoch_batches(setup, epoch),
+                cfg=cfg,
+                model_config=model_config,
+                dev=dev,
+                use_mse=use_mse,
+            )
+            loss_sum, loss_n = _reduce_sums(loss_sum, loss_n, setup, dev)
             train_loss = loss_sum / max(loss_n, 1)
-            val_loss, mu_v, lv_v = _evaluate_split(model, val_t, in_ch, cfg, dev)
-            pred_v = scaler.inverse(mu_v)
-            lab_metrics = _label_metrics(val_t.y_phys, pred_v, labels)
-            if cfg.scheduler == "plateau" and scheduler is not None:
-                scheduler.step(val_loss)
-            improved = val_loss < best_val - cfg.min_delta
-            if improved:
-                best_val, best_epoch, bad_epochs = val_loss, epoch, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            else:
-                bad_epochs += 1
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "loss_kind": "mse_warmup" if use_mse else cfg.loss,
-                "lr": float(optimizer.param_groups[0]["lr"]),
-                "best_epoch": best_epoch,
-            }
-            for lab in labels:
-                for key in METRIC_KEYS:
-                    row[f"{lab}_{key}"] = lab_metrics[lab][key]
+            val = _validate(setup, cfg, in_ch, dev, scaler, labels)
+            if cfg.scheduler == "plateau" and setup.scheduler is not None:
+                setup.scheduler.step(val.loss)
+            stop = _update_best(prog, epoch, val.loss, setup.model, cfg)
+            row = _epoch_row(
+                epoch,
+                train_loss,
+                val,
+                use_mse=use_mse,
+                cfg=cfg,
+                optimizer=setup.optimizer,
+                best_epoch=prog.best_epoch,
+                labels=labels,
+            )
             row["epoch_time_s"] = time.perf_counter() - t0
             row["memory_mb"] = _memory_mb(dev)
-            history.append(row)
-            df = _write_metrics_csv(run_dir / METRICS_FILE, history)
-            stop = cfg.early_stopping > 0 and bad_epochs >= cfg.early_stopping
-            finished = stop or epoch == cfg.epochs
-            stopped_early = stop
-            if tracker is not None and plot_dir is not None:
-                tracker.record(epoch, {k: v for k, v in row.items() if k not in ("epoch", "loss_kind")})
-                if epoch % cfg.plot_every == 0 or finished:
-                    sig = np.exp(0.5 * lv_v) * scaler.std
-                    _refresh_plots(plot_dir, name, df, labels, val_t.y_phys, pred_v, sig, epoch)
-            ckpt = {
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "grad_scaler": grad_scaler.state_dict() if use_scaler else {},
-                "history": history,
-                "best_val": best_val,
-                "best_epoch": best_epoch,
-                "best_state": best_state,
-                "bad_epochs": bad_epochs,
-                "finished": False,
-                "stopped_early": stopped_early,
-                "rng_torch": torch.get_rng_state(),
-                "rng_shuffle": shuffle_gen.get_state(),
-                "rng_augment": aug_gen.get_state(),
-            }
-            if dev.type == "cuda":
-                ckpt["rng_cuda"] = torch.cuda.get_rng_state(dev)
-            save_checkpoint(run_dir / CHECKPOINT_FILE, ckpt)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=best_epoch)
-            for cb in callbacks:
-                if cb(epoch, dict(row)):
-                    finished = stopped_early = True
-            if finished:
+            prog.history.append(row)
+            prog.epoch = epoch
+            prog.finished = stop or epoch == cfg.epochs
+            prog.stopped_early = stop
+            ckpt = _checkpoint(setup, prog, fingerprint, dev)
+            if primary:
+                df = _write_metrics_csv(run_dir / METRICS_FILE, prog.history)
+                if tracker is not None and plot_dir is not None:
+                    tracker.record(epoch, {k: v for k, v in row.items() if k not in ("epoch", "loss_kind")})
+                    if epoch % cfg.plot_every == 0 or prog.finished:
+                        sig = np.exp(0.5 * val.lv) * scaler.std
+                        _refresh_plots(plot_dir, name, df, labels, setup.val_t.y_phys, val.pred, sig, epoch)
+                save_checkpoint(run_dir / CHECKPOINT_FILE, ckpt)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val.loss:.3f}", best=prog.best_epoch)
+                for cb in callbacks:
+                    if cb(epoch, dict(row)):
+                        prog.finished = prog.stopped_early = True
+            if ctx.enabled:  # rank 0 decides (its callbacks may stop the run)
+                prog.finished, prog.stopped_early = distributed.broadcast((prog.finished, prog.stopped_early))
+            if prog.finished:
                 break
     finally:
         if bar is not None:
             bar.close()
+    return _finish(
+        setup=setup,
+        prog=prog,
+        run_dir=run_dir,
+        labels=labels,
+        model_config=model_config,
+        cfg=cfg,
+        dev=dev,
+        scaler=scaler,
+        wavelength=wavelength,
+        preprocess_hash=preprocess_hash,
+        hashes=hashes,
+        tracker=tracker,
+        plot_dir=plot_dir,
+        name=name,
+        validated=val is not None,
+    )
 
-    if best_state is None:
+
+def _finish(
+    *,
+    setup: _Setup,
+    prog: _Progress,
+    run_dir: Path,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    dev: torch.device,
+    scaler: LabelScaler,
+    wavelength: np.ndarray,
+    preprocess_hash: str,
+    hashes: dict[str, str],
+    tracker: BatchTracker | None,
+    plot_dir: Path | None,
+    name: str,
+    validated: bool,
+) -> TrainResult:
+    """Keep the best weights and write the saved model: weights, ``config.json``, the checkpoint marked
+    finished and the final plots (pred-vs-true of the kept weights). Under torchrun rank 0 writes and the
+    other ranks wait for it."""
+    if prog.best_state is None:
         raise ConfigError(f"{run_dir}: no epoch was completed")
-    model.load_state_dict(best_state)
-    best_row = next(r for r in history if int(r["epoch"]) == best_epoch)
-    final_metrics = {lab: {k: best_row[f"{lab}_{k}"] for k in METRIC_KEYS} for lab in labels}
-    for lab in labels:
-        final_metrics[lab]["n"] = int(np.isfinite(val_t.y_phys[:, labels.index(lab)]).sum())
+    model = setup.model
+    model.load_state_dict(prog.best_state)
+    final_metrics = _best_metrics(prog, setup.val_t, labels)
+    if setup.ctx.is_primary:
+        _write_outputs(
+            setup=setup,
+            prog=prog,
+            run_dir=run_dir,
+            labels=labels,
+            model_config=model_config,
+            cfg=cfg,
+            dev=dev,
+            scaler=scaler,
+            wavelength=wavelength,
+            preprocess_hash=preprocess_hash,
+            hashes=hashes,
+            tracker=tracker,
+            plot_dir=plot_dir,
+            name=name,
+            validated=validated,
+            final_metrics=final_metrics,
+        )
+    distributed.barrier()
+    return TrainResult(
+        run_dir=run_dir,
+        best_epoch=prog.best_epoch,
+        best_val_loss=prog.best_val,
+        epochs_run=len(prog.history),
+        stopped_early=prog.stopped_early,
+        history=pd.DataFrame(prog.history),
+        final_metrics=final_metrics,
+    )
+
+
+def _write_outputs(
+    *,
+    setup: _Setup,
+    prog: _Progress,
+    run_dir: Path,
+    labels: list[str],
+    model_config: ModelConfig,
+    cfg: TrainConfig,
+    dev: torch.device,
+    scaler: LabelScaler,
+    wavelength: np.ndarray,
+    preprocess_hash: str,
+    hashes: dict[str, str],
+    tracker: BatchTracker | None,
+    plot_dir: Path | None,
+    name: str,
+    validated: bool,
+    final_metrics: dict[str, dict[str, float]],
+) -> None:
+    """Weights, ``config.json``, the finished checkpoint and the final plots of the kept weights."""
+    model = setup.model
     save_weights(run_dir / WEIGHTS_FILE, model)
-    config = {
-        "format_version": 1,
-        "specabund_version": __version__,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": model_config.to_dict(),
-        "train": cfg.to_dict(),
-        "labels": labels,
-        "label_mean": scaler.mean.tolist(),
-        "label_std": scaler.std.tolist(),
-        "wavelength": grid_info(wavelength),
-        "preprocess_hash": str(preprocess_hash),
-        **hashes,
-        "n_train": len(train_t.X),
-        "n_val": len(val_t.X),
-        "best_epoch": best_epoch,
-        "best_val_loss": best_val,
-        "epochs_run": len(history),
-        "stopped_early": stopped_early,
-        "final_metrics": final_metrics,
-        "label_range": {
-            "min": np.nanmin(np.where(np.isfinite(train_t.y_phys), train_t.y_phys, np.inf), axis=0).tolist(),
-            "max": np.nanmax(np.where(np.isfinite(train_t.y_phys), train_t.y_phys, -np.inf), axis=0).tolist(),
-        },
-        **extra_config,
-    }
+    config = _saved_config(
+        setup=setup,
+        prog=prog,
+        labels=labels,
+        model_config=model_config,
+        cfg=cfg,
+        scaler=scaler,
+        wavelength=wavelength,
+        preprocess_hash=preprocess_hash,
+        hashes=hashes,
+        final_metrics=final_metrics,
+    )
     write_config(run_dir, config)
-    final_state = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    if not final_state.get("finished"):
-        final_state["finished"] = True
-        final_state["stopped_early"] = stopped_early
-        save_checkpoint(run_dir / CHECKPOINT_FILE, final_state)
+    _mark_checkpoint_finished(run_dir / CHECKPOINT_FILE, prog.stopped_early)
     if tracker is not None and plot_dir is not None:
         tracker.finalize(["train_loss", "val_loss", "lr", *(f"{lab}_rmse" for lab in labels)])
-        if mu_v is not None and lv_v is not None:
+        if validated:
             # pred-vs-true of the kept (best) weights
-            _, mu_b, lv_b = _evaluate_split(model, val_t, in_ch, cfg, dev)
+            _, mu_b, lv_b = _evaluate_split(model, setup.val_t, model_config.in_channels, cfg, dev)
             _refresh_plots(
                 plot_dir,
                 name,
-                pd.DataFrame(history),
+                pd.DataFrame(prog.history),
                 labels,
-                val_t.y_phys,
+                setup.val_t.y_phys,
                 scaler.inverse(mu_b),
                 np.exp(0.5 * lv_b) * scaler.std,
-                best_epoch,
+                prog.best_epoch,
                 which="best epoch",
             )
-    return TrainResult(
-        run_dir=run_dir,
-        best_epoch=best_epoch,
-        best_val_loss=best_val,
-        epochs_run=len(history),
-        stopped_early=stopped_early,
-        history=pd.DataFrame(history),
-        final_metrics=final_metrics,
-    )
 
 
 def train_ensemble(
@@ -950,6 +1498,7 @@ def train_ensemble(
     overwrite: bool = False,
     name: str | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    train_sharded: bool = False,
 ) -> list[TrainResult]:
     """Train ``n_members`` networks with seeds ``seed + k`` in ``run_dir/member_<k>``.
 
@@ -981,19 +1530,22 @@ def train_ensemble(
                 overwrite=overwrite,
                 name=name,
                 extra_config=extra_config,
+                train_sharded=train_sharded,
             )
         )
         members.append(sub)
     from ..utils import atomic_write_json
 
-    atomic_write_json(
-        run_dir / ENSEMBLE_FILE,
-        {
-            "n_members": n_members,
-            "members": members,
-            "seeds": [train_config.seed + k for k in range(n_members)],
-        },
-    )
+    if distributed.is_primary():
+        atomic_write_json(
+            run_dir / ENSEMBLE_FILE,
+            {
+                "n_members": n_members,
+                "members": members,
+                "seeds": [train_config.seed + k for k in range(n_members)],
+            },
+        )
+    distributed.barrier()
     return results
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +82,7 @@ def predict_run(
     plots: bool = True,
     command: str = "specabund predict",
     client: Any = None,
+    progress: Callable[[int], Callable[[int], None]] | None = None,
 ) -> PredictionOutcome:
     """The ``predict`` workflow: a catalogue for a dataset or raw FITS files (see
     :func:`specabund.predict.run_prediction` for the outputs).
@@ -116,6 +117,9 @@ def predict_run(
         Predict a preprocessed dataset in parts of ``chunk_size`` spectra, one Dask task each
         (:func:`specabund.predict.parts.predict_in_parts`); a ``.zarr`` store is always predicted in parts
         (streamed, in process without a client). The summary then has ``parts``.
+    progress : callable, optional
+        ``progress(total)`` is called once with the number of spectra to predict and returns the callback
+        ``update(n)`` (n more spectra done) passed to :func:`specabund.predict.run_prediction`.
     """
     from ..config import dumps
     from ..dataset import load_dataset
@@ -197,6 +201,7 @@ def predict_run(
             plots=plots,
             extra={"settings": settings},
             extra_files={RESOLVED_CONFIG: "# resolved specabund configuration\n" + dumps(cfg)},
+            progress=progress(int(inputs.ok.sum())) if progress is not None else None,
         )
     return PredictionOutcome(run_dir=run_dir, out_dir=out, summary=summary, input=path)
 

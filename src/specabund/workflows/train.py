@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -281,6 +282,7 @@ def run_training(
     command : str
         Named in the lock file (who holds the run folder).
     """
+    from ..training import distributed
     from ..training.trainer import train, train_ensemble
 
     ws, cfg = plan.workspace, plan.cfg
@@ -294,7 +296,9 @@ def run_training(
             check_fresh_run_dir(run_dir)
     if plan.init_from is not None and ensemble > 1:
         raise SpecabundError("--init-from fine-tunes a single model; drop --ensemble")
-    with FolderLock(run_dir, command):
+    run_dir = distributed.same_on_all_ranks(run_dir)  # torchrun: rank 0's (time-stamped) folder
+    primary = distributed.is_primary()  # under torchrun rank 0 alone locks, writes and reports
+    with FolderLock(run_dir, command) if primary else contextlib.nullcontext():
         if not plan.resume and not plan.overwrite:
             check_fresh_run_dir(run_dir)  # again, now that no one else can write it
         name = tracking_name(labels)
@@ -340,7 +344,7 @@ def run_training(
             results = train_ensemble(tr, va, labels, model_cfg, train_cfg, run_dir, ensemble, **kw)
         else:
             results = [train(tr, va, labels, model_cfg, train_cfg, run_dir, init_from=plan.init_from, **kw)]
-        if not (run_dir / RESOLVED_CONFIG).exists():
+        if primary and not (run_dir / RESOLVED_CONFIG).exists():
             save_config(cfg, run_dir / RESOLVED_CONFIG)
     return TrainOutcome(
         run_dir=run_dir,

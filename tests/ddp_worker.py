@@ -1,0 +1,56 @@
+"""Run under ``torchrun`` by tests/test_distributed.py (not a test module): library-level DDP training.
+
+``python -m torch.distributed.run --nproc-per-node 2 --standalone tests/ddp_worker.py MODE OUT``
+
+- ``interrupted``: trains ``OUT/full`` for 3 epochs, then ``OUT/part`` with rank 0 killed after epoch 2;
+- ``resume``: resumes ``OUT/part``;
+- ``sharded``: every rank passes its own shard of the training set (``train_sharded=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from specabund.models import default_config
+from specabund.training import train
+from specabund.training.distributed import env_context
+from test_training import LABELS, make_synthetic, small_config
+
+
+class Killed(Exception):
+    pass
+
+
+def main(mode: str, out: Path) -> None:
+    data = make_synthetic(n=240, missing_frac=0.1)
+    tr, va = data.split_subset("train"), data.split_subset("val")
+    mcfg = default_config("rescnn_small", dropout=0.1, head_dropout=0.1)  # exercise the per-rank RNG
+    tcfg = small_config(epochs=3, batch_size=16)
+    if mode == "interrupted":
+        train(tr, va, LABELS, mcfg, tcfg, out / "full")
+
+        def kill(epoch: int, row: dict) -> None:
+            if epoch == 2:
+                raise Killed(f"rank {env_context().rank} killed after epoch 2")
+
+        train(tr, va, LABELS, mcfg, tcfg, out / "part", callbacks=[kill])
+    elif mode == "resume":
+        train(tr, va, LABELS, mcfg, tcfg, out / "part", resume=True)
+    elif mode == "sharded":  # each rank passes its own, unequal, shard of the training set
+        ctx = env_context()
+        rows = np.arange(100) if ctx.rank == 0 else np.arange(100, len(tr))
+        train(tr.subset(rows), va, LABELS, mcfg, small_config(epochs=2, batch_size=16), out / "sharded",
+              train_sharded=True)  # fmt: skip
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    main(sys.argv[1], Path(sys.argv[2]))
