@@ -67,10 +67,6 @@ log = logging.getLogger(__name__)
 #: Bump when the pipeline's per-file output changes for the same options (invalidates caches).
 PIPELINE_VERSION = 2  # 2: cool-star continuum (floored clipping, masked blue arm)
 
-#: Keys of the ``[preprocess]`` config section that steer the pipeline rather than the per-spectrum steps.
-PIPELINE_KEYS = ("chunk_size", "n_workers", "batch_size", "normalize", "n_plot_examples")
-
-
 @dataclass
 class PipelineSettings:
     """Settings of :func:`run_preprocess` besides the per-spectrum options."""
@@ -107,13 +103,6 @@ class _SetPlan:
     catalog: Catalog
     match: MatchResult
     tasks: list[_Task] = field(default_factory=list)
-
-
-def split_options(section: dict[str, Any]) -> tuple[PreprocessOptions, dict[str, Any]]:
-    """Separate a ``[preprocess]`` config section into step options and pipeline settings."""
-    steps = {k: v for k, v in section.items() if k not in PIPELINE_KEYS}
-    pipe = {k: v for k, v in section.items() if k in PIPELINE_KEYS}
-    return PreprocessOptions.from_dict(steps), pipe
 
 
 def preprocess_hash(opts: PreprocessOptions, normalize: bool = True) -> str:
