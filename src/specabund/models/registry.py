@@ -99,9 +99,11 @@ class ModelConfig:
         if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.head_dropout < 1.0):
             raise ConfigError("model dropout values must lie in [0, 1)")
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"model activation {self.activation!r} not in {ACTIVATIONS}")
+            allowed = ", ".join(ACTIVATIONS)
+            raise ConfigError(f"model activation = {self.activation!r}; allowed values: {allowed}")
         if self.downsample not in DOWNSAMPLING:
-            raise ConfigError(f"model downsample {self.downsample!r} not in {DOWNSAMPLING}")
+            allowed = ", ".join(DOWNSAMPLING)
+            raise ConfigError(f"model downsample = {self.downsample!r}; allowed values: {allowed}")
         if not self.logvar_min < self.logvar_max:
             raise ConfigError("model logvar_min must be below logvar_max")
 

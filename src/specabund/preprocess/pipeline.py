@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 #: Bump when the pipeline's per-file output changes for the same options (invalidates caches).
 PIPELINE_VERSION = 2  # 2: cool-star continuum (floored clipping, masked blue arm)
 
+
 @dataclass
 class PipelineSettings:
     """Settings of :func:`run_preprocess` besides the per-spectrum options."""

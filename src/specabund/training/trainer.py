@@ -190,13 +190,13 @@ class TrainConfig:
         if self.freeze_epochs < 0:
             raise ConfigError(f"freeze_epochs must be >= 0, got {self.freeze_epochs}")
         if self.loss not in LOSSES:
-            raise ConfigError(f"loss {self.loss!r} not in {LOSSES}")
+            raise ConfigError(f"loss = {self.loss!r}; allowed values: {', '.join(LOSSES)}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must lie in [0, 1], got {self.beta}")
         if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"scheduler {self.scheduler!r} not in {SCHEDULERS}")
+            raise ConfigError(f"scheduler = {self.scheduler!r}; allowed values: {', '.join(SCHEDULERS)}")
         if self.amp_dtype not in ("bf16", "fp16"):
-            raise ConfigError(f"amp_dtype must be 'bf16' or 'fp16', got {self.amp_dtype!r}")
+            raise ConfigError(f"amp_dtype = {self.amp_dtype!r}; allowed values: bf16, fp16")
         if not 0 < self.onecycle_pct_start < 1:
             raise ConfigError("onecycle_pct_start must lie in (0, 1)")
         if self.plot_every < 1 or self.eval_batch_size < 1 or self.num_threads < 0:
