@@ -59,6 +59,20 @@ def _prediction_target(
     return run_dir, predictor, out
 
 
+def _settings(
+    run_dir: Path, device: str, mc_samples: int, batch_size: int, seed: int, ensemble_mode: bool
+) -> dict[str, Any]:
+    """The ``settings`` recorded in a prediction summary or calibration report."""
+    return {
+        "model": str(run_dir),
+        "device": str(device),
+        "mc_samples": mc_samples,
+        "batch_size": batch_size,
+        "seed": seed,
+        "ensemble_mode": ensemble_mode,
+    }
+
+
 def predict_run(
     workspace: Workspace,
     cfg: Mapping[str, Any],
@@ -139,14 +153,7 @@ def predict_run(
         raise SpecabundError("a Dask cluster predicts a preprocessed dataset (preprocess with it first)")
     ws = workspace.with_paths(cfg["paths"])
     run_dir, predictor, out = _prediction_target(ws, model, device, output_dir)
-    settings: dict[str, Any] = {
-        "model": str(run_dir),
-        "device": str(device),
-        "mc_samples": mc_samples,
-        "batch_size": batch_size,
-        "seed": seed,
-        "ensemble_mode": ensemble_mode,
-    }
+    settings = _settings(run_dir, device, mc_samples, batch_size, seed, ensemble_mode)
     path: Path | None = None
     with FolderLock(out, command):
         if fits_dir is not None or files is not None:
@@ -248,14 +255,7 @@ def calibrate_run(
 
     ws = workspace.with_paths(cfg["paths"])
     run_dir, predictor, out = _prediction_target(ws, model, device, output_dir)
-    settings = {
-        "model": str(run_dir),
-        "device": str(device),
-        "mc_samples": mc_samples,
-        "batch_size": batch_size,
-        "seed": seed,
-        "ensemble_mode": ensemble_mode,
-    }
+    settings = _settings(run_dir, device, mc_samples, batch_size, seed, ensemble_mode)
     from ..store import resolve_dataset_path
 
     val_given = ws.resolve(data_path) if data_path is not None else ws.dataset_path("val")
