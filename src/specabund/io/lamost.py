@@ -45,6 +45,7 @@ import numpy as np
 from astropy.io import fits
 
 from specabund.errors import FitsFormatError
+from specabund.io.rawfits import NeedAstropy, RawHDUList
 from specabund.spectrum import Spectrum
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,17 @@ def read_lamost(path: str | Path) -> Spectrum:
     """
     path = Path(path)
     raw = _load_bytes(path)
+    # the common, plain file: headers parsed straight from the bytes (about 5x faster than astropy); any
+    # doubt, and any failure, and the file is read again by astropy, whose messages and fixes then apply
+    try:
+        return _dispatch(RawHDUList(raw), path, raw)
+    except (NeedAstropy, FitsFormatError, OSError, ValueError, TypeError, IndexError, KeyError, EOFError):
+        pass
+    return _read_astropy(path, raw)
+
+
+def _read_astropy(path: Path, raw: bytes) -> Spectrum:
+    """:func:`read_lamost` of the file's bytes through astropy (the reference path)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -263,6 +275,14 @@ def _hdu(hdul: fits.HDUList, index: int) -> Any | None:
         return hdul[index]
     except IndexError:
         return None
+
+
+def _is_bintable(hdu: Any) -> bool:
+    return isinstance(hdu, fits.BinTableHDU) or getattr(hdu, "kind", None) == "bintable"
+
+
+def _is_image_extension(hdu: Any) -> bool:
+    return isinstance(hdu, fits.ImageHDU) or getattr(hdu, "kind", None) == "image"
 
 
 def _has_data(hdu: Any) -> bool:
@@ -502,7 +522,7 @@ def _table_index(hdul: fits.HDUList) -> int | None:
         hdu = _hdu(hdul, index)
         if hdu is None:
             return None
-        if isinstance(hdu, fits.BinTableHDU):
+        if _is_bintable(hdu):
             if hdu.name.upper() == "COADD":
                 return index
             if {"FLUX", "IVAR", "WAVELENGTH"} <= set(_table_column_names(hdu.header)):
@@ -584,7 +604,7 @@ def _image_index(hdul: fits.HDUList) -> int | None:
     if _has_data(hdul[0]):
         return 0
     hdu = _hdu(hdul, 1)
-    if hdu is not None and isinstance(hdu, fits.ImageHDU) and _has_data(hdu):
+    if hdu is not None and _is_image_extension(hdu) and _has_data(hdu):
         return 1
     return None
 
