@@ -409,9 +409,16 @@ def run_preprocess(
         map_fn = pool.enter_context(process_map(st.n_workers, st.batch_size))
 
     progress_path = output_dir / "progress" / "preprocess.json"
+    # each chunk's cache file, keyed by its files (stat + resolve: computed once, ~50 us a file)
+    lim = st.catalog_rules.max_abs_rv_kms
+    chunk_paths = {
+        (plan.name, ci): cache_root / f"{plan.name}_{ci:05d}_{_chunk_key(chunk, p_hash, lim)}.npz"
+        for plan in plans
+        for ci, chunk in enumerate(_chunks(plan.tasks, st.chunk_size))
+    }
     try:
         if client is not None:
-            _cluster_chunks(client, chunk_task, plans, opts, st, p_hash, cache_root, len(grid))
+            _cluster_chunks(client, chunk_task, plans, opts, st, chunk_paths, len(grid))
         chunk_files: dict[str, list[Path]] = {}
         new_chunks = 0
         total = sum(len(p.tasks) for p in plans)
@@ -420,8 +427,7 @@ def run_preprocess(
         for plan in plans:
             chunk_files[plan.name] = []
             for ci, chunk in enumerate(_chunks(plan.tasks, st.chunk_size)):
-                key = _chunk_key(chunk, p_hash, st.catalog_rules.max_abs_rv_kms)
-                path = cache_root / f"{plan.name}_{ci:05d}_{key}.npz"
+                path = chunk_paths[(plan.name, ci)]
                 if path.exists():
                     log.debug("chunk %s %d: cached (%s)", plan.name, ci, path.name)
                 else:
@@ -429,7 +435,6 @@ def run_preprocess(
                         raise _Interrupted(f"chunk {plan.name} {ci} was not written by the cluster")
                     if st.max_chunks is not None and new_chunks >= st.max_chunks:
                         raise _Interrupted(f"stopped after {new_chunks} new chunks (max_chunks)")
-                    lim = st.catalog_rules.max_abs_rv_kms
                     args = [(t.path, t.rv_kms, opts, st.normalize, lim) for t in chunk]
                     results = list(map_fn(_process_task, args))
                     _write_chunk(path, results, len(grid))
@@ -471,17 +476,16 @@ def _cluster_chunks(
     plans: list[_SetPlan],
     opts: PreprocessOptions,
     st: PipelineSettings,
-    p_hash: str,
-    cache_root: Path,
+    chunk_paths: dict[tuple[str, int], Path],
     n_pixels: int,
 ) -> None:
-    """Write every missing chunk file of ``plans`` with one Dask task per chunk."""
+    """Write every missing chunk file of ``plans`` (``chunk_paths[(set, chunk)]``), one Dask task each."""
     lim = st.catalog_rules.max_abs_rv_kms
     todo: list[tuple[list[Any], str, int]] = []
     cached = 0
     for plan in plans:
         for ci, chunk in enumerate(_chunks(plan.tasks, st.chunk_size)):
-            path = cache_root / f"{plan.name}_{ci:05d}_{_chunk_key(chunk, p_hash, lim)}.npz"
+            path = chunk_paths[(plan.name, ci)]
             if path.exists():
                 cached += 1
                 continue
