@@ -93,3 +93,43 @@ def test_swap_never_uses_missing_labels_or_parameters() -> None:
     assert torch.equal(f2[1], flux[1]) and torch.equal(f2[2], flux[2])
     assert torch.isnan(y2[1, 0]) and y2[2, 0] == ys[2, 0]
     assert torch.isfinite(y2[[0, 3], 0]).all()
+
+
+def test_response_table_on_disk_gives_the_in_memory_swap(tmp_path) -> None:
+    """A table too large for memory lives in a float16 file read by rows: same swap, file removed after."""
+    import gc
+
+    from specabund.training.swap import ResponseTable
+
+    rng = np.random.default_rng(1)
+    n, labels = 5, ["MG_FE", "CA_FE"]
+    y = rng.uniform(-0.2, 0.4, (n, 2))
+    teff, logg, feh = rng.uniform(4500, 6000, n), np.full(n, 4.0), np.full(n, -0.2)
+    teff[2] = np.nan  # a star without parameters: zero response
+    resp = abundance_response(WAVE, teff, logg, feh, y, labels)
+    mem = ResponseTable(resp.shape)
+    disk = ResponseTable(resp.shape, in_memory_bytes=0, directory=tmp_path)
+    assert not mem.on_disk and disk.on_disk and disk.path.parent == tmp_path
+    abundance_response(WAVE, teff, logg, feh, y, labels, out=mem)
+    abundance_response(WAVE, teff, logg, feh, y, labels, out=disk)
+    assert disk.path.stat().st_size == resp.size * 2
+    np.testing.assert_array_equal(mem.to_numpy(), resp.astype(np.float32))
+    np.testing.assert_array_equal(disk.to_numpy(), resp.astype(np.float32))
+    idx = torch.tensor([4, 0, 4, 2])
+    assert torch.equal(disk.rows(idx), mem.rows(idx))
+    assert torch.all(disk.rows(torch.tensor([2]))[:, :, 0] == 0)
+    std = y.std(axis=0)
+    ys = torch.as_tensor((y - y.mean(axis=0)) / std, dtype=torch.float32)
+    flux, ivar = torch.ones(n, WAVE.size), torch.full((n, WAVE.size), 50.0)
+    out = []
+    for table in (mem, disk):
+        swap = AbundanceSwap(
+            1.0, [0, 1], table, torch.ones(n, 2, dtype=torch.bool), torch.as_tensor(std).float()
+        )
+        out.append(swap(flux, ivar, ys, torch.arange(n), ys, torch.Generator().manual_seed(5)))
+    for a, b in zip(out[0], out[1], strict=True):
+        assert torch.equal(a, b)
+    path = disk.path
+    del disk, out, swap, table
+    gc.collect()
+    assert not path.exists()

@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +75,8 @@ def abundance_response(
     abund: np.ndarray,
     names: list[str],
     step: float = RESPONSE_STEP,
-) -> np.ndarray:
+    out: Any = None,
+) -> Any:
     """Slope and growth rate of ``ln f`` in ``[X/Fe]`` per star and abundance on ``wavelength``.
 
     Parameters
@@ -86,21 +92,28 @@ def abundance_response(
         ``X_FE`` names of the columns of ``abund``.
     step : float
         Half step of the central difference (dex).
+    out : array-like, optional
+        Where to write the rows (anything that takes ``out[i] = (K, 2, P) array``, e.g. a
+        :class:`ResponseTable`); a new float16 array by default.
 
     Returns
     -------
-    ndarray, (N, K, 2, P) float16
+    ndarray, (N, K, 2, P) float16, or ``out``
         ``[..., 0, :]`` the slope ``d ln f / dx``, ``[..., 1, :]`` the growth rate ``(d2 ln f / dx2) / (d ln f
         / dx)`` (:func:`growth_rate`).
     """
     from ..simulate.synth import normalized_model_flux
 
     n, k = abund.shape
-    out = np.zeros((n, k, 2, len(wavelength)), dtype=np.float16)
-    out[:, :, 1] = 1e-3  # no response, and a growth rate that keeps log_flux_change finite
+    if out is None:
+        out = np.zeros((n, k, 2, len(wavelength)), dtype=np.float16)
+    empty = np.zeros((k, 2, len(wavelength)), dtype=np.float16)
+    empty[:, 1] = 1e-3  # no response, and a growth rate that keeps log_flux_change finite
     for i in range(n):
         if not (np.isfinite(teff[i]) and np.isfinite(logg[i]) and np.isfinite(fe_h[i])):
+            out[i] = empty
             continue
+        row = empty.copy()
         base = {"teff": float(teff[i]), "logg": float(logg[i]), "fe_h": float(fe_h[i])}
         for c, name in enumerate(names):
             v = float(abund[i, c]) if np.isfinite(abund[i, c]) else 0.0
@@ -112,8 +125,9 @@ def abundance_response(
             hi = np.log(np.maximum(normalized_model_flux({**base, key: v + step}, wavelength), 1e-6))
             lo = np.log(np.maximum(normalized_model_flux({**base, key: v - step}, wavelength), 1e-6))
             slope = (hi - lo) / (2 * step)
-            out[i, c, 0] = slope.astype(np.float16)
-            out[i, c, 1] = growth_rate(slope, (hi - 2 * mid + lo) / step**2).astype(np.float16)
+            row[c, 0] = slope.astype(np.float16)
+            row[c, 1] = growth_rate(slope, (hi - 2 * mid + lo) / step**2).astype(np.float16)
+        out[i] = row
     return out
 
 
@@ -136,7 +150,87 @@ def log_flux_change(slope: torch.Tensor, rate: torch.Tensor, delta: torch.Tensor
     return slope * (torch.expm1(rate * delta) / rate)
 
 
-_LAST: dict[str, np.ndarray] = {}
+#: Response tables up to this size are held in memory (float32); larger ones go to a float16 file on disk
+#: and are read one batch of rows at a time, so the training process's memory does not grow with N.
+IN_MEMORY_BYTES = 512 * 2**20
+
+
+class ResponseTable:
+    """The (N, K, 2, P) responses of the training stars, in memory or in a float16 file read by rows.
+
+    In memory when ``N K 2 P`` float32 values fit in ``in_memory_bytes``; otherwise a temporary file in
+    ``directory`` (the system's temporary folder by default; removed when the table is garbage collected
+    or the process exits) from which :meth:`rows` reads the batch's rows with ``os.pread``: 186 kB a star
+    for 13 abundances on the LAMOST grid, so memory stays one batch whatever the training set's size.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int, int],
+        in_memory_bytes: int = IN_MEMORY_BYTES,
+        directory: str | Path | None = None,
+    ) -> None:
+        self.shape = tuple(int(v) for v in shape)
+        n, k, two, p = self.shape
+        self._row_shape = (k, two, p)
+        self._array: np.ndarray | None = None
+        self._fd: int | None = None
+        if n * k * two * p * 4 <= in_memory_bytes:
+            self._array = np.zeros(self.shape, dtype=np.float32)
+            return
+        fh = tempfile.NamedTemporaryFile(
+            prefix=".specabund-swap-", suffix=".f16", dir=directory, delete=False
+        )
+        self.path = Path(fh.name)
+        fh.close()
+        self._fd = os.open(self.path, os.O_RDWR)
+        self._row_bytes = k * two * p * 2
+        os.ftruncate(self._fd, n * self._row_bytes)
+        self._finalizer = weakref.finalize(self, _remove_file, self._fd, self.path)
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the table lives in a file."""
+        return self._fd is not None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __setitem__(self, i: int, row: np.ndarray) -> None:
+        if self._array is not None:
+            self._array[i] = row
+            return
+        data = np.ascontiguousarray(row, dtype=np.float16).tobytes()
+        assert self._fd is not None
+        os.pwrite(self._fd, data, int(i) * self._row_bytes)
+
+    def rows(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """float32 tensor (len(idx), K, 2, P) of the rows ``idx`` (on the CPU)."""
+        index = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64)
+        if self._array is not None:
+            return torch.from_numpy(self._array[index])
+        assert self._fd is not None
+        out = np.empty((len(index), *self._row_shape), dtype=np.float16)
+        for j, i in enumerate(index.tolist()):
+            out[j] = np.frombuffer(
+                os.pread(self._fd, self._row_bytes, i * self._row_bytes), dtype=np.float16
+            ).reshape(self._row_shape)
+        return torch.from_numpy(out.astype(np.float32))
+
+    def to_numpy(self) -> np.ndarray:
+        """The whole table as float32 (tests and small tables)."""
+        return self.rows(np.arange(len(self))).numpy()
+
+
+def _remove_file(fd: int, path: Path) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    path.unlink(missing_ok=True)
+
+
+_LAST: dict[str, ResponseTable] = {}
 
 
 def _cached_response(
@@ -146,9 +240,9 @@ def _cached_response(
     fe_h: np.ndarray,
     abund: np.ndarray,
     names: list[str],
-) -> np.ndarray:
-    """:func:`abundance_response`, remembering the last result: an ensemble, a tuning study or a rerun trains
-    on the same stars again in one process."""
+) -> ResponseTable:
+    """:func:`abundance_response` into a :class:`ResponseTable`, remembering the last one: an ensemble, a
+    tuning study or a rerun trains on the same stars again in one process."""
     h = hashlib.sha256()
     for a in (wavelength, teff, logg, fe_h, abund):
         h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
@@ -156,7 +250,8 @@ def _cached_response(
     key = h.hexdigest()
     if key not in _LAST:
         _LAST.clear()
-        _LAST[key] = abundance_response(wavelength, teff, logg, fe_h, abund, names)
+        table = ResponseTable((len(abund), len(names), 2, len(wavelength)))
+        _LAST[key] = abundance_response(wavelength, teff, logg, fe_h, abund, names, out=table)
     return _LAST[key]
 
 
@@ -170,7 +265,7 @@ class AbundanceSwap:
         Probability of swapping one abundance of one star.
     cols : list of int
         Label positions that may be swapped.
-    response : torch.Tensor, (N, K, 2, P) float16
+    response : ResponseTable, (N, K, 2, P)
         Slope and growth rate of ``ln f`` in ``[X/Fe]`` of every training star for the labels ``cols``.
     usable : torch.Tensor, (N, K) bool
         The star's label is known and its parameters are, so it may be swapped.
@@ -180,7 +275,7 @@ class AbundanceSwap:
 
     prob: float
     cols: list[int]
-    response: torch.Tensor
+    response: ResponseTable
     usable: torch.Tensor
     std: torch.Tensor
 
@@ -216,17 +311,14 @@ class AbundanceSwap:
         return cls(
             prob=float(prob),
             cols=cols,
-            # float32 when it fits in 1 GB (no conversion per batch), float16 beyond
-            response=torch.from_numpy(resp.astype(np.float32) if resp.size * 4 < 2**30 else resp),
+            response=resp,
             usable=torch.from_numpy(usable),
             std=torch.as_tensor(np.asarray(std, dtype=np.float32)[cols]),
         )
 
     def to(self, device: torch.device) -> AbundanceSwap:
         """This operation with its tensors on ``device``."""
-        return AbundanceSwap(
-            self.prob, self.cols, self.response.to(device), self.usable.to(device), self.std.to(device)
-        )
+        return AbundanceSwap(self.prob, self.cols, self.response, self.usable.to(device), self.std.to(device))
 
     def __call__(
         self,
@@ -254,7 +346,7 @@ class AbundanceSwap:
         delta = torch.where(use, new - cur, torch.zeros_like(cur)) * self.std[None, :]
         if not bool(use.any()):
             return flux, ivar, y_std
-        r = self.response[idx].float()
+        r = self.response.rows(idx).to(dev)
         logf = log_flux_change(r[:, :, 0], r[:, :, 1], delta[:, :, None]).sum(dim=1)
         logf = logf.clamp(*LOG_FACTOR_RANGE)
         fac = torch.exp(logf)
