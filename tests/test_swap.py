@@ -133,3 +133,29 @@ def test_response_table_on_disk_gives_the_in_memory_swap(tmp_path) -> None:
     del disk, out, swap, table
     gc.collect()
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("teff", "logg", "feh"), [(3900.0, 1.2, -0.5), (5900.0, 4.3, 0.0), (4200.0, 4.7, 0.3)]
+)
+def test_log_flux_steps_equal_whole_model_evaluations(teff: float, logg: float, feh: float) -> None:
+    """The swap's central differences recompute only the moved element's lines: same as the whole model."""
+    from specabund.simulate.synth import abundance_log_flux_steps
+
+    names = ["C_FE", "N_FE", "O_FE", "MG_FE", "CA_FE", "TI_FE", "BA_FE"]
+    rng = np.random.default_rng(int(teff))
+    base = {"teff": teff, "logg": logg, "fe_h": feh, **{n.lower(): rng.uniform(-0.3, 0.5) for n in names}}
+    mid, plus, minus = abundance_log_flux_steps(base, WAVE, names, 0.1)
+
+    def ln_f(labels: dict) -> np.ndarray:
+        return np.log(np.maximum(normalized_model_flux(labels, WAVE), 1e-6))
+
+    np.testing.assert_allclose(mid, ln_f(base), rtol=0, atol=1e-12)
+    for k, n in enumerate(names):
+        key = n.lower()
+        np.testing.assert_allclose(plus[k], ln_f({**base, key: base[key] + 0.1}), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(minus[k], ln_f({**base, key: base[key] - 0.1}), rtol=0, atol=1e-12)
+        if n in ("MG_FE", "CA_FE"):  # (strong lines at every Teff here; N and C bands need cool stars)
+            assert np.abs(plus[k] - minus[k]).max() > 1e-3, n
+    with pytest.raises(ValueError, match="ZZ_FE"):
+        abundance_log_flux_steps(base, WAVE, ["ZZ_FE"], 0.1)

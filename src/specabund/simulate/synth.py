@@ -380,9 +380,46 @@ def _balmer_ew(teff: float, logg: float) -> float:
     return _H_WMAX / (1.0 + x * x) * 10.0 ** ((0.04 + 0.12 * hot) * (logg - 4.44))
 
 
-def _absorption(labels: Mapping[str, Any], wave: np.ndarray, resolution: float) -> np.ndarray:
+def _only_element(windows: _Windows, rows_of: np.ndarray) -> _Windows:
+    """The rows of each group whose line is flagged in ``rows_of`` (a boolean per line)."""
+    groups = []
+    for sel, pix, dx, ok in windows.groups:
+        keep = rows_of[sel]
+        if keep.any():
+            groups.append((sel[keep], pix[keep], dx[keep], ok[keep]))
+    return _Windows(tuple(groups))
+
+
+_ELEMENT_WINDOWS: dict[tuple[Any, ...], tuple[_Windows, _Windows]] = {}
+
+
+def _element_windows(wave: np.ndarray, element: int) -> tuple[_Windows, _Windows]:
+    """Metal-line and molecular-band windows of the lines that involve element ``element`` (an index)."""
+    key = (wave.size, float(wave[0]), float(wave[-1]), hash(wave.tobytes()), element)
+    hit = _ELEMENT_WINDOWS.get(key)
+    if hit is None:
+        m = _model()
+        metal_w, _, mol_w = _GRIDS.get(wave)
+        hit = (
+            _only_element(metal_w, m.el_index == element),
+            _only_element(mol_w, (m.m_el == element) | (m.m_partner == element)),
+        )
+        if len(_ELEMENT_WINDOWS) >= 64:
+            _ELEMENT_WINDOWS.pop(next(iter(_ELEMENT_WINDOWS)))
+        _ELEMENT_WINDOWS[key] = hit
+    return hit
+
+
+def _absorption(
+    labels: Mapping[str, Any], wave: np.ndarray, resolution: float, element: int | None = None
+) -> np.ndarray:
+    """Absorption ``-ln f``; with ``element`` (an index of ``_model().elements``) only that of the metal lines
+    of the element and the molecular bands it is part of: the part of the absorption its [X/Fe] moves."""
     m = _model()
     metal_w, hyd_w, mol_w = _GRIDS.get(wave)
+    if element is not None:
+        metal_w, mol_w = _element_windows(wave, element)
+        hyd_w = _Windows(())
     teff = _label(labels, "teff")
     logg = _label(labels, "logg")
     a = np.zeros(wave.size)
@@ -448,6 +485,53 @@ def normalized_model_flux(
     if wave.ndim != 1 or wave.size < 2 or np.any(np.diff(wave) <= 0):
         raise ValueError("wavelength must be a 1-D strictly increasing array")
     return np.exp(-_absorption(labels, wave, float(resolution)))
+
+
+def abundance_log_flux_steps(
+    labels: Mapping[str, float],
+    wavelength: np.ndarray,
+    names: list[str],
+    step: float,
+    *,
+    resolution: float = 1800.0,
+    floor: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``ln max(f, floor)`` of :func:`normalized_model_flux` at ``labels`` and with each ``X_FE`` of ``names``
+    moved by ``+step`` and ``-step`` (the central differences of the abundance swap).
+
+    An [X/Fe] moves only the metal lines of X and the molecular bands X is part of (the electron pressure
+    and the continuous opacity follow [Fe/H] alone), so the moved spectra are the spectrum at ``labels``
+    with just those lines recomputed: the same values as evaluating the whole model each time (to rounding),
+    about ``2 K + 1`` times faster for K names.
+
+    Returns
+    -------
+    mid : ndarray (P,)
+    plus, minus : ndarray (K, P)
+    """
+    wave = np.ascontiguousarray(wavelength, dtype=float)
+    if wave.ndim != 1 or wave.size < 2 or np.any(np.diff(wave) <= 0):
+        raise ValueError("wavelength must be a 1-D strictly increasing array")
+    res = float(resolution)
+    m = _model()
+    index = {e: i for i, e in enumerate(m.elements)}
+    base = {str(k).lower(): v for k, v in labels.items()}
+    total = _absorption(base, wave, res)
+    cap = -math.log(floor)
+    plus = np.empty((len(names), wave.size))
+    minus = np.empty((len(names), wave.size))
+    for k, name in enumerate(names):
+        key = name.lower()
+        el = name.upper().removesuffix("_FE")
+        if el not in index or not key.endswith("_fe"):
+            raise ValueError(f"{name}: not an [X/Fe] of an element the simulator models")
+        e = index[el]
+        v = float(base.get(key, 0.0))
+        own = _absorption(base, wave, res, element=e)
+        rest = total - own
+        plus[k] = -np.minimum(rest + _absorption({**base, key: v + step}, wave, res, element=e), cap)
+        minus[k] = -np.minimum(rest + _absorption({**base, key: v - step}, wave, res, element=e), cap)
+    return -np.minimum(total, cap), plus, minus
 
 
 def lamost_wavelength_grid(start: int = 0, npix: int = LAMOST_NPIX) -> np.ndarray:

@@ -102,7 +102,7 @@ def abundance_response(
         ``[..., 0, :]`` the slope ``d ln f / dx``, ``[..., 1, :]`` the growth rate ``(d2 ln f / dx2) / (d ln f
         / dx)`` (:func:`growth_rate`).
     """
-    from ..simulate.synth import normalized_model_flux
+    from ..simulate.synth import abundance_log_flux_steps
 
     n, k = abund.shape
     if out is None:
@@ -118,12 +118,8 @@ def abundance_response(
         for c, name in enumerate(names):
             v = float(abund[i, c]) if np.isfinite(abund[i, c]) else 0.0
             base[name.lower()] = v
-        mid = np.log(np.maximum(normalized_model_flux(base, wavelength), 1e-6))
-        for c, name in enumerate(names):
-            key = name.lower()
-            v = base[key]
-            hi = np.log(np.maximum(normalized_model_flux({**base, key: v + step}, wavelength), 1e-6))
-            lo = np.log(np.maximum(normalized_model_flux({**base, key: v - step}, wavelength), 1e-6))
+        mid, his, los = abundance_log_flux_steps(base, wavelength, names, step)
+        for c, (hi, lo) in enumerate(zip(his, los, strict=True)):
             slope = (hi - lo) / (2 * step)
             row[c, 0] = slope.astype(np.float16)
             row[c, 1] = growth_rate(slope, (hi - 2 * mid + lo) / step**2).astype(np.float16)
