@@ -148,3 +148,37 @@ def test_torchrun_accepts_a_training_set_already_sharded(tmp_path: Path) -> None
     full = LabelScaler.fit(y[np.isfinite(y).any(axis=1)], LABELS)  # the scaler of all shards together
     assert config["n_train"] == len(tr) and config["epochs_run"] == 2
     np.testing.assert_allclose(config["label_mean"], full.mean, rtol=1e-6)
+
+
+def test_torchrun_deals_a_store_to_the_ranks_by_chunk(tmp_path: Path) -> None:
+    """From a Zarr store every rank trains on its own chunks (disjoint, together all of them, a new deal
+    every epoch) and takes the same number of steps; no rank reads rows at random across the store."""
+    from specabund.training.trainer import store_rank_steps
+
+    p = _torchrun(str(TESTS / "ddp_worker.py"), "store", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "the training store's chunks dealt to the processes" in p.stderr
+    seen = [json.loads((tmp_path / f"chunks-{r}.json").read_text()) for r in (0, 1)]
+    n_chunks = len(np.unique(load_dataset(tmp_path / "train_dataset.zarr").X.base_rows // 20))
+    for epoch in ("1", "2"):  # (epochs count from 1)
+        a, b = set(seen[0][epoch]), set(seen[1][epoch])
+        assert not a & b  # disjoint
+        assert len(a | b) >= n_chunks - 2  # all chunks but what the equal step count leaves out
+        assert seen[0][f"steps{epoch}"] == seen[1][f"steps{epoch}"]
+    assert seen[0]["1"] != seen[0]["2"]  # dealt anew each epoch
+    config = json.loads((tmp_path / "store" / "config.json").read_text())
+    assert config["epochs_run"] == 2
+    chunk_of_row = np.repeat(np.arange(n_chunks), 20)[: config["n_train"]]
+    assert seen[0]["steps1"] == store_rank_steps(chunk_of_row, 8, 2)
+
+
+def test_store_rank_steps() -> None:
+    from specabund.training.trainer import store_rank_steps
+
+    rows = np.repeat(np.arange(5), [20, 20, 20, 20, 7])  # 5 chunks, the last short
+    assert store_rank_steps(rows, 8, 2) == (7 + 20) // 8  # 2 chunks each at least, the 2 smallest
+    assert store_rank_steps(rows, 8, 1) == 87 // 8
+    with pytest.raises(ConfigError, match="5 chunk"):
+        store_rank_steps(rows, 8, 6)
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        store_rank_steps(rows, 64, 2)

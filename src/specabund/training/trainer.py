@@ -41,6 +41,7 @@ from ..errors import ConfigError, DataMismatchError
 from ..metrics import regression_metrics
 from ..models import ModelConfig, build_model
 from ..plotting import save_figure
+from ..store import LazyRows
 from ..tracking import BatchTracker
 from ..utils import atomic_write, hash_json, reject_unknown_keys
 from . import distributed, plots
@@ -49,6 +50,7 @@ from .data import (
     Augmenter,
     LabelScaler,
     batch_order,
+    chunk_buffer_order,
     device_rows,
     prepare_input,
     select_labels,
@@ -761,6 +763,8 @@ class _Setup:
     sampler: torch.utils.data.DistributedSampler[int] | None = None
     #: steps per epoch when the ranks hold shards of different sizes (0: all batches)
     max_steps: int = 0
+    #: under torchrun with an on-disk training store: seed of the per-epoch chunk order shared by the ranks
+    store_seed: int | None = None
     #: physical labels of the whole training set when ``train_t`` holds only this rank's shard
     train_labels: np.ndarray | None = None
 
@@ -810,6 +814,34 @@ def _seeded_generators(seed: int) -> tuple[torch.Generator, torch.Generator]:
 def _rank_seed(seed: int, rank: int) -> int:
     """Seed of the dropout and augmentation streams of rank ``rank > 0`` (rank 0 keeps ``seed``'s)."""
     return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1)[0])
+
+
+def store_rank_steps(chunk_of_row: np.ndarray, batch_size: int, world_size: int) -> int:
+    """Steps per epoch that every rank can take when the chunks of a store are dealt round-robin.
+
+    Whatever the permutation, each rank gets at least ``n_chunks // world_size`` chunks, so at least the
+    rows of that many of the smallest chunks; that many full batches are taken by every rank every epoch.
+
+    Raises
+    ------
+    ConfigError
+        When the store has fewer chunks than processes, or a rank would not fill one batch.
+    """
+    sizes = np.sort(np.bincount(np.unique(chunk_of_row, return_inverse=True)[1]))
+    per_rank = len(sizes) // world_size
+    if per_rank == 0:
+        raise ConfigError(
+            f"the training store has {len(sizes)} chunk(s) for {world_size} processes; write it with smaller "
+            "chunks (preprocess --chunk-size) or launch fewer processes"
+        )
+    least = int(sizes[:per_rank].sum())
+    steps = least // int(batch_size)
+    if steps < 1:
+        raise ConfigError(
+            f"each of the {world_size} processes gets at least {least} training spectra from the store's "
+            f"chunks, fewer than one batch of {batch_size}"
+        )
+    return steps
 
 
 def rank_batch_size(batch_size: int, world_size: int) -> int:
@@ -876,11 +908,26 @@ def _build_setup(
     net, sampler, batch_size = None, None, cfg.batch_size
     steps = _steps_per_epoch(n_train, batch_size)
     max_steps = 0
+    store_seed = None
     if ctx.enabled:
         sharded = train_labels is not None
-        net, sampler, batch_size = _distribute(model, cfg, dev, ctx, n_train, parent is not None, sharded)
+        # an on-disk store is dealt to the ranks by chunks (each reads only its own), not by random rows
+        by_chunk = not sharded and isinstance(train_np[0], LazyRows)
+        net, sampler, batch_size = _distribute(
+            model,
+            cfg,
+            dev,
+            ctx,
+            n_train,
+            parent is not None,
+            "caller" if sharded else "chunks" if by_chunk else "",
+        )
         if sampler is not None:
             steps = _steps_per_epoch(sampler.num_samples, batch_size)
+        elif by_chunk:
+            store_seed = int(np.random.SeedSequence([cfg.seed, 2]).generate_state(1)[0])
+            chunk_of_row = train_np[0].base_rows // train_np[0].chunk_rows
+            steps = max_steps = store_rank_steps(chunk_of_row, batch_size, ctx.world_size)
         else:  # own shard: every rank must take the same number of steps
             steps = max_steps = min(distributed.all_gather(_steps_per_epoch(n_train, batch_size)))
         if ctx.rank > 0:  # own dropout masks and augmentations (identical initial weights on all ranks)
@@ -896,6 +943,7 @@ def _build_setup(
         batch_size=batch_size,
         sampler=sampler,
         max_steps=max_steps,
+        store_seed=store_seed,
         train_labels=train_labels,
         swap=swap.to(dev) if swap is not None else None,
         model=model,
@@ -919,7 +967,7 @@ def _distribute(
     ctx: DistContext,
     n_train: int,
     fine_tune: bool,
-    sharded: bool = False,
+    sharded: str = "",
 ) -> tuple[nn.Module, torch.utils.data.DistributedSampler[int] | None, int]:
     """The DistributedDataParallel wrapper, the sampler sharding the training rows (none when the data are
     already this rank's shard), the per-rank batch."""
@@ -948,7 +996,9 @@ def _distribute(
             batch_size * ctx.world_size,
             f"{_steps_per_epoch(sampler.num_samples, batch_size)} steps per epoch"
             if sampler is not None
-            else "training data sharded by the caller",
+            else "training data sharded by the caller"
+            if sharded == "caller"
+            else "the training store's chunks dealt to the processes",
         )
     return net, sampler, batch_size
 
@@ -960,7 +1010,16 @@ def _epoch_batches(setup: _Setup, epoch: int) -> list[torch.Tensor]:
     if setup.sampler is None:
         # a store's rows come chunk by chunk (shuffled chunks, then rows within a buffer of chunks)
         n = len(setup.train_t.X)
-        out = batch_order(setup.train_t.X, n, setup.batch_size or 1, setup.shuffle_gen, _batches)
+        if setup.store_seed is not None:
+            # under torchrun: the same chunk permutation on every rank (seeded by epoch, so a resumed run
+            # draws it again), each rank keeping chunks[rank::world_size]
+            gen = torch.Generator().manual_seed(setup.store_seed + epoch)
+            rows = setup.train_t.X.chunk_of_row
+            bs, ctx = setup.batch_size or 1, setup.ctx
+            b = chunk_buffer_order(rows, bs, gen, rank=ctx.rank, world_size=ctx.world_size)
+            out = [torch.from_numpy(x) for x in b]
+        else:
+            out = batch_order(setup.train_t.X, n, setup.batch_size or 1, setup.shuffle_gen, _batches)
         return out[: setup.max_steps] if setup.max_steps else out
     setup.sampler.set_epoch(epoch)
     idx = torch.tensor(list(setup.sampler), dtype=torch.long)
