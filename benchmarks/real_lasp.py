@@ -13,11 +13,16 @@ On that split, for Teff, logg and [Fe/H]:
 
 prints RMSE against LASP for F and G stars (``subclass`` F*/G*) at SNRg 10-30 and > 30, the learning curve
 (100, 300 and all training spectra, scratch and fine-tuned), and the fraction of the real test spectra the
-OOD check (PCA distance or reconstruction of the training spectra) flags. The CNN's predicted spread is
-printed next to LASP's, since a collapsed label (predictions near the mean) hides behind a modest RMSE.
+OOD check (PCA distance or reconstruction of the training spectra) flags. The models trained on all
+spectra are then calibrated on the real validation split and predict the 56 spectra of 28 stars observed
+twice in ``../shared/data/lamost/dr8-repeats/``: the width of the pair pulls ``(p1 - p2) / sqrt(s1^2 + s2^2)``
+says whether the predicted noise errors are honest (1; the issue's target 0.8-1.2). The CNN's predicted
+spread is printed next to LASP's, since a collapsed label (predictions near the mean) hides behind a
+modest RMSE.
 
     python benchmarks/real_lasp.py                    # everything (tens of minutes on 2 cores)
     python benchmarks/real_lasp.py --sizes all --no-baselines --epochs 20
+    python benchmarks/real_lasp.py --repeats-only /tmp/specabund_bench_train/real_finetune_all
 """
 
 from __future__ import annotations
@@ -111,6 +116,74 @@ def _fg_rmse(te: Any, pred: np.ndarray, lab: str, lo: float, hi: float) -> tuple
     return float(np.sqrt(np.mean((pred[ok] - y[ok]) ** 2))), int(ok.sum())
 
 
+REPEATS = SHARED.parent / "dr8-repeats"
+#: LASP's typical errors (the shared data README): calibration against LASP labels subtracts them
+LASP_ERRORS = {"TEFF": 100.0, "LOGG": 0.15, "FE_H": 0.1}
+
+
+def _repeat_pulls(
+    run: Path, tr: Any, va: Any, te: Any, out: Path, n_samples: int, label_errors: dict[str, float] | None
+) -> dict[str, Any]:
+    """Calibrate ``run`` on the real validation split (with LASP's errors ``label_errors``, or ignoring
+    them), predict the DR8 repeat pairs, return repeats.json."""
+    import json
+
+    import pandas as pd
+
+    from specabund.predict.calibration import calibrate
+    from specabund.predict.catalogue import run_prediction
+    from specabund.predict.inputs import (
+        PredictionInputs,
+        collect_files,
+        read_prediction_catalog,
+        resolve_preprocess,
+    )
+    from specabund.training import load_model
+
+    model = load_model(run)
+    calibrate(model, va, train_dataset=tr, test_dataset=te, n_samples=n_samples, label_errors=label_errors)
+    model = load_model(run)  # with its calibration
+    groups = pd.read_csv(REPEATS / "repeat_groups.csv")
+    out.mkdir(parents=True, exist_ok=True)
+    cat = out / "repeat_catalogue.csv"
+    pd.DataFrame(
+        {
+            "spec": [Path(f).name for f in groups["combined_file"]],
+            "group": groups["GroupID"].astype(int).astype(str),
+        }
+    ).to_csv(cat, index=False)
+    opts, normalize, _ = resolve_preprocess(model)
+    files, root = collect_files(REPEATS)
+    inputs = PredictionInputs.from_fits(
+        files, opts, normalize=normalize, catalog=read_prediction_catalog(cat), fits_dir=root
+    )
+    shutil.rmtree(out / "predictions", ignore_errors=True)
+    run_prediction(model, inputs, out / "predictions", n_samples=n_samples, plots=False)
+    return json.loads((out / "predictions" / "repeats.json").read_text())
+
+
+def _print_repeats(name: str, rep: dict[str, Any], how: str) -> None:
+    print(
+        f"\nrepeat pairs of {REPEATS.name} ({rep['n_pairs']} pairs), {name}, "
+        f"calibrated on the real val split {how}:"
+    )
+    print(
+        f"{'label':>7} {'pull std':>9} {'robust':>7} {'|pull|<=1':>9} {'pair precision':>15} "
+        f"{'predicted':>10}"
+    )
+    for lab, r in rep["labels"].items():
+        print(
+            f"{lab:>7} {r['pull_std']:9.3f} {r['pull_robust_width']:7.3f} {r['fraction_within_1']:9.2f} "
+            f"{r['precision_from_pairs']:15.4g} {r['median_predicted_err']:10.4g}"
+        )
+
+
+def _repeats(run: Path, tr: Any, va: Any, te: Any, args: argparse.Namespace) -> None:
+    for errors, how in ((None, "ignoring LASP's errors"), (LASP_ERRORS, f"with LASP's errors {LASP_ERRORS}")):
+        rep = _repeat_pulls(run, tr, va, te, args.cache_dir / f"repeats_{run.name}", args.mc_samples, errors)
+        _print_repeats(run.name, rep, how)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=60)
@@ -120,10 +193,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/specabund_bench_train"))
+    ap.add_argument("--mc-samples", type=int, default=50, help="MC samples for calibration and repeats")
+    ap.add_argument(
+        "--repeats-only",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="only calibrate these trained runs on the real val split and report the repeat-pair pulls",
+    )
     args = ap.parse_args(argv)
     if not SHARED.exists():
         print(f"{SHARED} not found", file=sys.stderr)
         return 2
+    if args.repeats_only:
+        torch.set_num_threads(args.threads)
+        ds = _real_dataset(args.cache_dir, args.threads)
+        tr, va, te = ds.split_subset("train"), ds.split_subset("val"), ds.split_subset("test")
+        for run in args.repeats_only:
+            _repeats(run, tr, va, te, args)
+        return 0
 
     from specabund.baselines import run_baseline
     from specabund.predict import SpectralOOD
@@ -192,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         lab = key.split()[-1]
         y = te.y[:, te.elements.index(lab)]
         print(f"  {key:<16} predicted {np.nanstd(p):8.4g}   LASP {np.nanstd(y):8.4g}")
+    if "all" in args.sizes:
+        for kind in ("scratch", "finetune"):
+            _repeats(args.cache_dir / f"real_{kind}_all", tr, va, te, args)
     ood = SpectralOOD.fit(tr.X, tr.ivar)
     _, _, far_d, far_r = ood.flags(te.X, te.ivar)
     print(

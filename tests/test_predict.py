@@ -467,3 +467,72 @@ def test_default_head_only_dropout_calibrates_and_separates_errors(tmp_path: Pat
     for lab in LABELS:
         entry = res.report["labels"][lab]
         assert entry["test_after"]["coverage_68"] == pytest.approx(0.6827, abs=0.05), (lab, entry)
+
+
+# ------------------------------------------------------------------------ calibration with label errors
+
+
+def test_scale_fitted_with_label_errors_recovers_the_prediction_error() -> None:
+    """Residuals = prediction error (sigma 1) + label error (sigma 2): the predicted sigma (3, too large)
+    must shrink to 1, not to the residual width sqrt(5) that ignoring the label errors gives."""
+    from specabund.predict.calibration import fit_scale, fit_scale_noisy_labels
+
+    rng = np.random.default_rng(0)
+    n = 20000
+    resid = rng.normal(0, 1.0, n) + rng.normal(0, 2.0, n)
+    sigma = np.full(n, 3.0)
+    err = np.full(n, 2.0)
+    for method in ("coverage", "mad"):
+        k = fit_scale_noisy_labels(resid, sigma, err, method)
+        assert k * 3.0 == pytest.approx(1.0, rel=0.05), method
+        assert fit_scale(resid / sigma, method) * 3.0 == pytest.approx(np.sqrt(5.0), rel=0.05)
+    # without label errors it is the plain scale; labels noisier than the residuals: the floor
+    assert fit_scale_noisy_labels(resid, sigma, np.zeros(n)) == pytest.approx(
+        fit_scale(resid / sigma), rel=1e-6
+    )
+    assert fit_scale_noisy_labels(rng.normal(0, 1.0, n), sigma, np.full(n, 5.0)) == 1e-3
+
+
+def test_label_errors_of_prefers_the_catalogue_then_the_assumed_value() -> None:
+    from specabund.predict.calibration import label_errors_of
+
+    n, labs = 6, ["TEFF", "MG_FE"]
+    y_err = np.full((n, 2), np.nan, dtype=np.float32)
+    y_err[:3, 0] = 0.05
+    col = np.zeros(n)
+    ds = Dataset(
+        X=np.ones((n, 4), np.float32), ivar=np.ones((n, 4), np.float32), wavelength=np.arange(4.0) + 4000,
+        y=np.zeros((n, 2)), elements=labs, filenames=col.astype(str), obsid=col.astype(str),
+        spec=col.astype(str), teff=col, logg=col, fe_h=col, snr=col, split=col.astype(np.int8),
+        group=col.astype(str), y_err=y_err,
+    )  # fmt: skip
+    e = label_errors_of(ds, labs, {labs[0]: 0.2})
+    np.testing.assert_allclose(e[:, 0], [0.05, 0.05, 0.05, 0.2, 0.2, 0.2], rtol=1e-6)
+    assert np.all(e[:, 1] == 0)
+    assert np.all(label_errors_of(replace(ds, y_err=None), labs) == 0)
+
+
+def test_cli_calibrate_with_assumed_label_errors(sim: dict, tmp_path: Path) -> None:
+    from specabund.cli import main
+    from specabund.cli import predict as _predict_cli  # noqa: F401  (registers the command)
+
+    shutil.copytree(sim["run"], tmp_path / "models" / "tiny")
+    proc = sim["proc"]
+    args = ["--workdir", str(tmp_path), "predict", "--calibrate", "--model", "tiny"]
+    args += ["--data-path", str(proc / "val_dataset.npz"), "--mc-samples", "5"]
+    args += ["--output-dir", "calib", "--device", "cpu", "--no-plots"]
+    runner = CliRunner()
+    res = runner.invoke(main, [*args, "--label-error", "c_fe=0.03"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "calib" / "calibration_report.json").read_text())
+    c = report["labels"]["C_FE"]
+    assert c["label_errors"]["assumed"] == 0.03 and c["label_errors"]["fraction_known"] == 1.0
+    assert "label_errors" not in report["labels"]["MG_FE"]
+    # the scale that leaves room for the labels' own error is smaller than the one that does not
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    plain = json.loads((tmp_path / "calib" / "calibration_report.json").read_text())["labels"]["C_FE"]
+    assert c["scale"] < plain["scale"]
+    for bad in ("C_FE", "C_FE=-1", "=0.1"):
+        res = runner.invoke(main, [*args, "--label-error", bad])
+        assert res.exit_code == 2 and "--label-error" in res.output, res.output

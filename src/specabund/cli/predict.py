@@ -43,6 +43,14 @@ _PATH = click.Path(path_type=Path)
 @click.option(
     "--calibration-method", type=click.Choice(["coverage", "mad"]), default="coverage", show_default=True
 )
+@click.option(
+    "--label-error",
+    "label_errors",
+    multiple=True,
+    metavar="LABEL=VALUE",
+    help="With --calibrate: typical error of the validation labels where the catalogue gives none "
+    "(e.g. TEFF=100 for a survey pipeline's Teff); subtracted so the uncertainty is the model's own.",
+)
 @click.option("--no-calibration", is_flag=True, help="Do not apply a stored calibration.")
 @click.option(
     "--preprocess-config", type=_PATH, default=None, help="manifest.json of the model's training data."
@@ -71,6 +79,7 @@ def predict_cmd(
     train_data: Path | None,
     test_data: Path | None,
     calibration_method: str,
+    label_errors: tuple[str, ...],
     no_calibration: bool,
     preprocess_config: Path | None,
     n_workers: int,
@@ -116,6 +125,9 @@ def predict_cmd(
         command="specabund predict",
     )
 
+    if label_errors and not calibrate:
+        raise click.UsageError("--label-error is for --calibrate")
+    assumed = _label_errors(label_errors)
     if calibrate:
         res = calibrate_run(
             ws,
@@ -125,6 +137,7 @@ def predict_cmd(
             train_data=train_data,
             test_data=test_data,
             method=calibration_method,
+            label_errors=assumed or None,
             **common,
         )
         report = res.summary
@@ -187,3 +200,22 @@ def predict_cmd(
     if "repeats" in summary:
         click.echo(f"  repeat pairs: {summary['repeats']['n_pairs']} (see repeats.json)")
     click.echo(f"  log: {log_file}")
+
+
+def _label_errors(items: tuple[str, ...]) -> dict[str, float]:
+    """``('TEFF=100', 'logg=0.15')`` -> ``{'TEFF': 100.0, 'LOGG': 0.15}`` (labels normalised)."""
+    from ..elements import normalize_label
+
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not sep or not name.strip() or not (number > 0 and number < float("inf")):
+            raise click.BadParameter(
+                f"{item!r}: expected LABEL=VALUE with a positive VALUE", param_hint="--label-error"
+            )
+        out[normalize_label(name.strip())] = number
+    return out

@@ -20,6 +20,7 @@ validation spectra) and the training label range, and writes ``calibration.json`
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -77,6 +78,62 @@ def fit_scale(z: np.ndarray, method: str = "coverage") -> float:
         return 1.0
     s = float(np.quantile(np.abs(z), LEVELS[0])) if method == "coverage" else robust_scatter(z)
     return s if np.isfinite(s) and s > 0 else 1.0
+
+
+def fit_scale_noisy_labels(
+    resid: np.ndarray, sigma: np.ndarray, label_err: np.ndarray, method: str = "coverage"
+) -> float:
+    """Factor ``s`` such that ``resid / sqrt((s sigma)^2 + label_err^2)`` has unit width.
+
+    With labels that carry their own errors (a survey pipeline's, or another survey's), the residuals on
+    the validation set are the prediction's error *and* the label's: a scale fitted to ``resid / sigma``
+    would inflate the predicted uncertainties by the catalogue's noise. ``s`` is found by bisection (the
+    coverage of the 68.27 % interval grows with ``s``; for ``'mad'`` the robust width falls). When the label
+    errors alone already cover the residuals the smallest scale tried, 1e-3, is returned.
+    """
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
+    r, sg, e = (np.asarray(a, dtype=np.float64) for a in (resid, sigma, label_err))
+    e = np.where(np.isfinite(e) & (e > 0), e, 0.0)
+    ok = np.isfinite(r) & np.isfinite(sg) & (sg > 0)
+    r, sg, e = r[ok], sg[ok], e[ok]
+    if r.size < 5:
+        return 1.0
+
+    def width(k: float) -> float:
+        z = r / np.sqrt((k * sg) ** 2 + e**2)
+        if method == "coverage":  # |z| quantile that should be 1
+            return float(np.quantile(np.abs(z), LEVELS[0]))
+        return robust_scatter(z)
+
+    lo, hi = 1e-3, 1e3
+    if width(lo) <= 1.0:
+        return lo
+    if width(hi) >= 1.0:
+        return hi
+    for _ in range(60):  # geometric bisection: ~1e-9 relative
+        mid = math.sqrt(lo * hi)
+        if width(mid) > 1.0:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(lo * hi)
+
+
+def label_errors_of(
+    ds: Dataset, labels: Sequence[str], assumed: dict[str, float] | None = None
+) -> np.ndarray:
+    """(N, L) label errors of ``ds``: its catalogue errors (``y_err``) where known, else ``assumed[label]``,
+    else 0 (NaN-free)."""
+    out = np.zeros((len(ds), len(labels)))
+    for j, lab in enumerate(labels):
+        col = np.full(len(ds), np.nan)
+        if ds.y_err is not None and lab in ds.elements:
+            col = np.asarray(ds.y_err[:, ds.elements.index(lab)], dtype=np.float64)
+        if assumed and lab in assumed:
+            col = np.where(np.isfinite(col) & (col > 0), col, float(assumed[lab]))
+        out[:, j] = np.where(np.isfinite(col) & (col > 0), col, 0.0)
+    return out
 
 
 def z_summary(z: np.ndarray) -> dict[str, float]:
@@ -163,6 +220,7 @@ def calibrate(
     n_components: int = 16,
     percentile: float = 99.5,
     write: bool = True,
+    label_errors: dict[str, float] | None = None,
 ) -> CalibrationResult:
     """Fit per-label uncertainty scales on ``val_dataset`` and store them with the model.
 
@@ -187,6 +245,11 @@ def calibrate(
         Of the OOD reference (:class:`~specabund.predict.ood.SpectralOOD`).
     write : bool
         Write the files into the run folder.
+    label_errors : dict, optional
+        Typical error of the validation labels per label (e.g. ``{"TEFF": 100.0}`` for a survey pipeline's
+        Teff), used where the dataset carries no catalogue error (``y_err``). With label errors the scale is
+        fitted to ``resid / sqrt((s err)^2 + label_err^2)`` (:func:`fit_scale_noisy_labels`), so the
+        calibrated uncertainty is the prediction's own, not the prediction's plus the catalogue's.
     """
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
@@ -198,23 +261,47 @@ def calibrate(
         "seed": seed,
         "ensemble_mode": ensemble_mode,
     }
-    pred_v, _, z_v = _pulls(predictor, val_dataset, labs, kw)
-    scale = np.array([fit_scale(z_v[:, j], method) for j in range(len(labs))])
+    pred_v, true_v, z_v = _pulls(predictor, val_dataset, labs, kw)
+    e_v = label_errors_of(val_dataset, labs, label_errors)
+    noisy = [bool(np.any(e_v[:, j] > 0)) for j in range(len(labs))]
+    scale = np.array(
+        [
+            fit_scale_noisy_labels(
+                pred_v.mean[:, j] - true_v[:, j], pred_v.err_total[:, j], e_v[:, j], method
+            )
+            if noisy[j]
+            else fit_scale(z_v[:, j], method)
+            for j in range(len(labs))
+        ]
+    )
     per_label: dict[str, Any] = {}
     z_t = None
     if test_dataset is not None:
-        _, _, z_t = _pulls(predictor, test_dataset, labs, kw)
+        pred_t, true_t, z_t = _pulls(predictor, test_dataset, labs, kw)
+        e_t = label_errors_of(test_dataset, labs, label_errors)
+
+    def after(pred: UncertainPrediction, true: np.ndarray, e: np.ndarray, j: int) -> dict[str, float]:
+        total = np.sqrt((scale[j] * pred.err_total[:, j]) ** 2 + e[:, j] ** 2)
+        return z_summary(z_scores(pred.mean[:, j], true[:, j], total))
+
     for j, lab in enumerate(labs):
         entry: dict[str, Any] = {
             "scale": float(scale[j]),
             "val_before": z_summary(z_v[:, j]),
-            "val_after": z_summary(z_v[:, j] / scale[j]),
+            "val_after": after(pred_v, true_v, e_v, j),
             "median_err_model": float(np.nanmedian(pred_v.err_model[:, j])),
             "median_err_data": float(np.nanmedian(pred_v.err_data[:, j])),
         }
+        if noisy[j]:
+            # the 'after' pulls include the label errors: (pred - label) / sqrt((s err)^2 + label_err^2)
+            entry["label_errors"] = {
+                "median": float(np.median(e_v[:, j])),
+                "fraction_known": float(np.mean(e_v[:, j] > 0)),
+                "assumed": float(label_errors[lab]) if label_errors and lab in label_errors else None,
+            }
         if z_t is not None:
             entry["test_before"] = z_summary(z_t[:, j])
-            entry["test_after"] = z_summary(z_t[:, j] / scale[j])
+            entry["test_after"] = after(pred_t, true_t, e_t, j)
         per_label[lab] = entry
 
     ref = train_dataset if train_dataset is not None else val_dataset

@@ -231,6 +231,7 @@ def calibrate_run(
     method: str = "coverage",
     plots: bool = True,
     command: str = "specabund predict",
+    label_errors: Mapping[str, float] | None = None,
 ) -> PredictionOutcome:
     """Fit the uncertainty calibration and OOD reference of a run (``specabund predict --calibrate``).
 
@@ -245,6 +246,9 @@ def calibrate_run(
         OOD/label-range reference and held-out coverage check (default: beside ``data_path``, when there).
     method : {'coverage', 'mad'}
         See :func:`specabund.predict.calibration.fit_scale`.
+    label_errors : mapping, optional
+        Typical error per label of the validation labels where the dataset carries none (see
+        :func:`specabund.predict.calibrate`).
 
     Other parameters are those of :func:`predict_run`.
     """
@@ -275,6 +279,7 @@ def calibrate_run(
             batch_size=batch_size,
             seed=seed,
             method=method,
+            label_errors=dict(label_errors) if label_errors else None,
         )
         report = {**res.report, "val_data": str(val_path), "settings": settings}
         report["train_data"] = str(tr) if tr.exists() else None
