@@ -70,3 +70,18 @@ def test_specabund_errors_are_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert "Error:" in r.output and "no FITS files found" in r.output
     assert "Traceback" not in r.output
+
+
+def test_logs_go_to_the_configured_logs_dir(tmp_path: Path) -> None:
+    """[paths] logs_dir of --config decides where the command's log file goes."""
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('[paths]\nlogs_dir = "mylogs"\n', encoding="utf-8")
+    (tmp_path / "fits").mkdir()
+    r = CliRunner().invoke(
+        main,
+        ["--workdir", str(tmp_path), "preprocess", "--config", str(cfg), "--fits-dir", "fits",
+         "--reference-csv", "missing.csv"],
+    )  # fmt: skip
+    assert r.exit_code != 0
+    assert list((tmp_path / "mylogs" / "preprocess").glob("preprocess_*.log"))
+    assert not (tmp_path / "logs").exists()

@@ -71,12 +71,22 @@ class _TerminalFormatter(logging.Formatter):
 _LOG_FILE: dict[str, Path | None] = {"path": None}
 
 
-def setup_logging(ws: Workspace, stage: str, verbose: bool) -> Path:
-    """Log to stderr (INFO, or DEBUG with -v) and to logs/<stage>/<timestamp>.log (DEBUG).
+def setup_logging(ws: Workspace, stage: str, verbose: bool, config_file: str | Path | None = None) -> Path:
+    """Log to stderr (INFO, or DEBUG with -v) and to <logs>/<stage>/<timestamp>.log (DEBUG).
 
-    When the log folder cannot be written (read-only or full disk) the command logs to the terminal only,
-    with a warning; the returned path then does not exist.
+    ``<logs>`` is ``[paths] logs_dir`` of ``config_file`` (default ``logs``) under the working directory; a
+    configuration that cannot be read leaves the default (the command reports the problem itself). When
+    the log folder cannot be written (read-only or full disk) the command logs to the terminal only, with a
+    warning; the returned path then does not exist.
     """
+    if config_file is not None:
+        from ..config import load_config
+        from ..errors import SpecabundError
+
+        try:
+            ws = ws.with_paths(load_config(config_file)["paths"])
+        except (SpecabundError, OSError, ValueError):
+            pass
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -93,7 +93,7 @@ def analyze_cmd(
     from ..workflows import plan_analysis, run_analysis
 
     ws = ctx.obj["ws"]
-    log_file = setup_logging(ws, "analyze", ctx.obj["verbose"])
+    log_file = setup_logging(ws, "analyze", ctx.obj["verbose"], config_file)
     cfg = load_config(
         config_file,
         {
@@ -207,7 +207,7 @@ def report_cmd(ctx: click.Context, output: Path | None, config_file: str | None)
     from ..config import load_config
 
     ws = ctx.obj["ws"]
-    setup_logging(ws, "report", ctx.obj["verbose"])
+    setup_logging(ws, "report", ctx.obj["verbose"], config_file)
     cfg = load_config(config_file)
     ws = ws.with_paths(cfg["paths"])
     results = ws.results_path

@@ -100,7 +100,7 @@ def baseline_cmd(
     from ..elements import STELLAR_PARAMETERS, resolve_labels
 
     ws = ctx.obj["ws"]
-    setup_logging(ws, "baseline", ctx.obj["verbose"])
+    setup_logging(ws, "baseline", ctx.obj["verbose"], config_file)
     results_root = ws.results()
     if show_batch_results:
         if not elements:

@@ -191,7 +191,7 @@ def preprocess_cmd(
     from ..workflows import preprocess_run
 
     ws = ctx.obj["ws"]
-    log_file = setup_logging(ws, "preprocess", ctx.obj["verbose"])
+    log_file = setup_logging(ws, "preprocess", ctx.obj["verbose"], config_file)
     if reference_csv is None and prediction_csv is None:
         raise click.UsageError("give --reference-csv, --prediction-csv or both")
     cfg = load_config(

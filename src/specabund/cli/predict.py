@@ -102,7 +102,7 @@ def predict_cmd(
     from ..workflows import calibrate_run, predict_run
 
     ws = ctx.obj["ws"]
-    log_file = setup_logging(ws, "predict", ctx.obj["verbose"])
+    log_file = setup_logging(ws, "predict", ctx.obj["verbose"], config_file)
     cfg = load_config(config_file, {})
     n_sources = sum(x is not None for x in (data_path, fits_dir, files))
     if n_sources > 1:

@@ -180,7 +180,7 @@ def train_cmd(ctx: click.Context, **kw: Any) -> None:
       specabund train --resume C_FE_MG_FE_20261129-101500
       specabund train --elements TEFF LOGG FE_H --init-from sim_model --freeze-epochs 5
     """
-    setup_logging(ctx.obj["ws"], "train", ctx.obj["verbose"])
+    setup_logging(ctx.obj["ws"], "train", ctx.obj["verbose"], kw["config_file"])
     if kw["freeze_epochs"] and not kw["init_from"]:
         raise click.UsageError("--freeze-epochs needs --init-from RUN")
     overrides = _overrides(kw)
@@ -289,7 +289,7 @@ def test_cmd(ctx: click.Context, **kw: Any) -> None:
       specabund test --data-path processed_data/test_dataset.npz
       specabund test --model C_FE_MG_FE_20261129-101500 --elements C_FE --truth sim/truth.csv
     """
-    setup_logging(ctx.obj["ws"], "evaluation", ctx.obj["verbose"])
+    setup_logging(ctx.obj["ws"], "evaluation", ctx.obj["verbose"], kw["config_file"])
     _test(
         ctx,
         kw["data_path"] if _given(ctx, "data_path") else None,
@@ -327,7 +327,7 @@ def all_cmd(ctx: click.Context, **kw: Any) -> None:
     from ..config import load_config
 
     ws = ctx.obj["ws"]
-    setup_logging(ws, "train", ctx.obj["verbose"])
+    setup_logging(ws, "train", ctx.obj["verbose"], kw["config_file"])
     config_file = kw["config_file"]
     tuned = ws.with_paths(load_config(config_file)["paths"]).tuned_params()
     if kw["tuned"] and config_file is None and tuned.exists():

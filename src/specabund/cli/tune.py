@@ -103,7 +103,7 @@ def tune_cmd(
     from ..workflows import tune_run
 
     ws = ctx.obj["ws"]
-    log_file = setup_logging(ws, "tune", ctx.obj["verbose"])
+    log_file = setup_logging(ws, "tune", ctx.obj["verbose"], config_file)
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
     cfg = load_config(
