@@ -114,3 +114,9 @@ def test_default_network_reads_the_lines_of_stars_that_break_the_correlations(
     # the swap model's error grows less from the Galactic to the permuted stars
     growth_swap, growth_plain = perm_swap / gal_swap, perm_plain / gal_plain
     assert np.all(growth_swap < growth_plain), (growth_swap, growth_plain)
+    # the run records what the swap did (and the run without it records nothing)
+    import json
+
+    rec = json.loads((default_run / "config.json").read_text())["abundance_swap"]
+    assert rec["labels"] == list(LABELS[:3]) and rec["stars"] == len(tr) and rec["setup_seconds"] >= 0
+    assert "abundance_swap" not in json.loads((tmp_path / "no_swap" / "config.json").read_text())

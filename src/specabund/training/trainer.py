@@ -586,8 +586,11 @@ def train(
         hashes["init_from_weights"] = parent["weights_sha256"]
     fingerprint = _fingerprint(model_config, cfg, labels, hashes, ctx.world_size)
     swap = None
+    extra_config = dict(extra_config or {})
     if cfg.augment.enabled and cfg.augment.swap_prob > 0:
         from .swap import AbundanceSwap
+
+        t_swap = time.perf_counter()
 
         keep = np.isfinite(select_labels(dataset_train.y, dataset_train.elements, labels)).any(axis=1)
         swap = AbundanceSwap.build(
@@ -600,6 +603,13 @@ def train(
             dataset_train.fe_h[keep],
             scaler.std,
         )
+        if swap is not None:
+            extra_config["abundance_swap"] = {
+                "labels": [labels[c] for c in swap.cols],
+                "stars": len(swap.response),
+                "response_on_disk": swap.response.on_disk,
+                "setup_seconds": round(time.perf_counter() - t_swap, 1),
+            }
 
     ckpt_path = run_dir / CHECKPOINT_FILE
     state: dict[str, Any] | None = None
@@ -643,7 +653,7 @@ def train(
             plot_dir=Path(plot_dir) if plot_dir is not None else None,
             progress=progress,
             name=name,
-            extra_config=dict(extra_config or {}),
+            extra_config=extra_config,
             parent=parent,
             ctx=ctx,
             train_labels=train_labels,
