@@ -7,7 +7,8 @@ the peak resident memory (``ru_maxrss``) printed is that stage's own:
 ``simulate``    ``simulate_dataset(N, client=...)``: one task per 500 files on ``--workers`` Dask workers.
 ``preprocess``  ``run_preprocess(format='zarr', client=...)``: one task per chunk of ``--chunk-size`` files.
 ``train``       one epoch of ``--model`` on ``train_dataset.zarr`` (streamed, chunk-buffered) in the client
-                process with ``--workers`` torch threads; validation on ``val_dataset.zarr``, streamed.
+                process with ``--workers`` torch threads; validation on ``val_dataset.zarr``, streamed. The
+                time includes the abundance swap's set-up (once per run), printed apart.
 ``predict``     ``predict_in_parts`` on ``prediction_dataset.zarr``: one task per part of ``--part-rows``
                 spectra, ``--mc-samples`` MC-Dropout samples (the trained one-epoch model).
 
@@ -73,6 +74,9 @@ def stage(name: str, n: int, work: Path, args: argparse.Namespace) -> dict[str, 
             overwrite=True,
         )
         out.update(seconds=time.perf_counter() - t, spectra=len(tr) + len(va), client_mb=_rss_mb())
+        swap = json.loads((run / "config.json").read_text()).get("abundance_swap")
+        if swap:  # the responses are computed once per run, before the first epoch
+            out["swap_setup_s"] = swap["setup_seconds"]
         return out
     with _client(args.workers) as client:
         t = time.perf_counter()
@@ -172,6 +176,8 @@ def main() -> None:
 def _row(r: dict[str, Any]) -> str:
     w = " ".join(f"{v:.0f}" for v in r.get("workers_mb", []))
     store = f"  stores on disk {r['store_mb']:.0f} MB" if "store_mb" in r else ""
+    if "swap_setup_s" in r:
+        store += f"  (of which abundance-swap set-up {r['swap_setup_s']:.0f} s)"
     return (
         f"N={r['n']:>7} {r['stage']:<10} {r['spectra']:>7} spectra {r['seconds']:8.1f} s "
         f"{r['per_core']:8.1f} spectra/s/core  client {r['client_mb']:.0f} MB  workers [{w}] MB{store}"
