@@ -138,6 +138,43 @@ def test_mc_dropout_mode_only_dropout_trains(synth: dict) -> None:
     assert not any(m.training for m in net.modules())
 
 
+def test_head_layers_before_dropout_run_once_per_batch_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Head-only dropout: the head's layers before the dropout run once per batch (and repeat count), not
+    once per MC sample, and the prediction is bit for bit the one of full head passes."""
+    from specabund.models import build_model
+    from specabund.predict import uncertainty
+    from specabund.training.data import LabelScaler
+    from specabund.training.saved import grid_info
+
+    mcfg = default_config("rescnn_small", dropout=0.0, head_dropout=0.2)
+    ds = make_synthetic(37, seed=3)
+    net = build_model(mcfg, ds.n_pixels, len(LABELS)).eval()
+    cfg = {"wavelength": grid_info(ds.wavelength), "preprocess_hash": "synth-v1", "labels": LABELS}
+    scaler = LabelScaler(mean=np.zeros(len(LABELS)), std=np.ones(len(LABELS)))
+    model = LoadedModel(
+        model=net, run_dir=tmp_path, config=cfg, labels=LABELS, scaler=scaler, model_config=mcfg
+    )
+    n_fixed = uncertainty.deterministic_head_layers(net)
+    assert n_fixed == [isinstance(m, torch.nn.Dropout) for m in net.head].index(True) > 0
+    calls = {"n": 0}
+    net.head[n_fixed - 1].register_forward_hook(lambda *a: calls.update(n=calls["n"] + 1))
+    settings = [(8, None, 6), (5, 16, 7), (37, None, 3), (4, 1000, 9)]
+    fast = [predict_with_uncertainty(model, ds.X, ds.ivar, n_samples=k, batch_size=b, max_rows=r, seed=4)
+            for b, r, k in settings]  # fmt: skip
+    batches = sum(-(-len(ds) // b) for b, _, _ in settings)
+    assert calls["n"] <= 2 * batches  # at most two repeat counts per batch
+    calls["n"] = 0
+    monkeypatch.setattr(uncertainty, "deterministic_head_layers", lambda net: 0)
+    for (b, r, k), got in zip(settings, fast, strict=True):
+        want = predict_with_uncertainty(model, ds.X, ds.ivar, n_samples=k, batch_size=b, max_rows=r, seed=4)
+        for name in ("mean", "err_model", "err_data"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (b, r, k, name)
+        assert np.all(got.err_model > 0)
+    assert calls["n"] > 2 * batches  # full head passes: once per pass of the MC samples
+
+
 def test_requested_label_not_predicted_is_clear_error(synth: dict) -> None:
     te = synth["test"]
     with pytest.raises(ConfigError, match="valid choices: C_FE, MG_FE, FE_H"):

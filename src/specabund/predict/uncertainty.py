@@ -13,6 +13,8 @@ Total
 
 All terms are in physical label units. MC passes are batched: each batch of spectra is repeated ``r``
 times along the batch dimension (``r * batch <= max_rows``), so one forward pass computes ``r`` samples.
+With dropout only in the head the samples share one pass through the trunk and through the head's layers
+before its dropout (:func:`deterministic_head_layers`); only the rest of the head runs per sample.
 The random dropout masks come from torch's global generator seeded with ``seed`` inside
 ``torch.random.fork_rng``: the caller's global RNG state is restored afterwards, and the same seed, data
 and batch size give identical results.
@@ -21,6 +23,7 @@ and batch size give identical results.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -192,6 +195,30 @@ def head_only_dropout(net: nn.Module) -> bool:
     return all(id(m) in in_head for m in dropout_modules(net))
 
 
+def deterministic_head_layers(net: nn.Module) -> int:
+    """How many leading layers of ``net.head`` come before its first active dropout layer.
+
+    With head-only dropout (:func:`head_only_dropout`), a sequential head and a ``head_forward(h, start)``
+    that runs the head from layer ``start``, these layers give the same output for every MC sample: they
+    run once per batch of spectra instead of once per sample (for ``rescnn``: the flattening, the large
+    linear layer and its activation; the samples then cost the dropout and the last linear layer). 0 when
+    this does not apply.
+    """
+    head = getattr(net, "head", None)
+    if not isinstance(head, nn.Sequential) or not head_only_dropout(net):
+        return 0
+    try:
+        if "start" not in inspect.signature(net.head_forward).parameters:  # type: ignore[operator, arg-type]
+            return 0
+    except (TypeError, ValueError):
+        return 0
+    active = {id(m) for m in dropout_modules(head)}
+    for i, layer in enumerate(head):
+        if id(layer) in active:
+            return i
+    return 0
+
+
 @torch.inference_mode()
 def _sample_member(
     member: LoadedModel,
@@ -224,6 +251,7 @@ def _sample_member(
             net.eval()
         k_total = n_samples if n_active > 0 else 1
         shared_trunk = k_total > 1 and head_only_dropout(net)
+        fixed = deterministic_head_layers(net) if shared_trunk else 0
         stack.enter_context(seeded_torch(seed, dev))
         for start in range(0, n, batch_size):
             xb = torch.from_numpy(X[start : start + batch_size]).to(dev)
@@ -234,11 +262,21 @@ def _sample_member(
             mus, lvs = [], []
             done = 0
             feats = net.trunk(inp) if shared_trunk else None  # type: ignore[operator]
+            # the head's layers before its dropout, on the same (repeated) input as a full head pass would
+            # see: computed once per repeat count rr, not once per sample, with the same result
+            fixed_out: dict[int, torch.Tensor] = {}
             while done < k_total:
                 rr = min(r, k_total - done)
                 if feats is not None:
-                    h = feats.repeat(rr, 1, 1) if rr > 1 else feats
-                    mu, lv = net.head_forward(h)  # type: ignore[operator]
+                    if rr not in fixed_out:
+                        h = feats.repeat(rr, 1, 1) if rr > 1 else feats
+                        for layer in list(net.head)[:fixed]:  # type: ignore[arg-type]
+                            h = layer(h)
+                        fixed_out[rr] = h
+                    if fixed:
+                        mu, lv = net.head_forward(fixed_out[rr], start=fixed)  # type: ignore[operator]
+                    else:
+                        mu, lv = net.head_forward(fixed_out[rr])  # type: ignore[operator]
                 else:
                     x_in = inp.repeat(rr, 1, 1) if rr > 1 else inp
                     mu, lv = net(x_in)
