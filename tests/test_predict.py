@@ -260,6 +260,35 @@ def test_calibration_brings_coverage_to_68(synth: dict) -> None:
     assert not load_stored(ens, ensemble_mode=True).calibrated
 
 
+def test_ood_statistics_follow_their_definition() -> None:
+    """SpectralOOD.score (in place, for speed) gives exactly the statistics of the module docstring written
+    out on the network view, also with pixels without data and spectra without any."""
+    from specabund.predict.ood import RESIDUAL_FLOOR, SpectralOOD, network_view
+
+    ds = make_synthetic(60, seed=4)
+    rng = np.random.default_rng(1)
+    X, iv = ds.X.copy(), ds.ivar.copy()
+    X[rng.random(X.shape) < 0.02] = np.nan
+    iv[rng.random(X.shape) < 0.02] = 0.0
+    iv[rng.random(X.shape) < 0.01] = -1.0
+    iv[rng.random(X.shape) < 0.01] = np.inf
+    X[3], iv[4], X[5] = np.nan, 0.0, X[5] * 40
+    ood = SpectralOOD.fit(ds.X, ds.ivar, n_components=5)
+    f, good = network_view(X, iv)
+    A = f - ood.mean
+    scores = A @ ood.components.T
+    dist = np.sqrt(np.sum(scores**2 / ood.variances, axis=1))
+    var = np.where(good, 1.0 / np.where(good, iv.astype(np.float64), 1.0) + RESIDUAL_FLOOR**2, np.inf)
+    chi = np.where(good, (A - scores @ ood.components) ** 2 / var, 0.0)
+    n = good.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        resid = np.where(n > 0, chi.sum(axis=1) / np.maximum(n, 1), np.inf)
+    for chunk in (4096, 7):
+        d, r = ood.score(X, iv, chunk=chunk)
+        assert np.array_equal(d, dist) and np.array_equal(r, resid)
+    assert np.isinf(r[[3, 4]]).all() and np.isfinite(r[5]) and np.isfinite(np.delete(r, [3, 4])).all()
+
+
 def test_predict_applies_calibration_and_flags_ood(synth: dict, tmp_path: Path) -> None:
     model, te = synth["model"], synth["test"]
     if load_stored(model).ood is None:
