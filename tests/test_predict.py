@@ -138,11 +138,10 @@ def test_mc_dropout_mode_only_dropout_trains(synth: dict) -> None:
     assert not any(m.training for m in net.modules())
 
 
-def test_head_layers_before_dropout_run_once_per_batch_with_the_same_result(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_shared_passes_equal_full_passes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Head-only dropout: the head's layers before the dropout run once per batch (and repeat count), not
-    once per MC sample, and the prediction is bit for bit the one of full head passes."""
+    once per MC sample, the trunk runs a few spectra at a time, and the prediction is bit for bit the one
+    of full head passes on one trunk pass per batch."""
     from specabund.models import build_model
     from specabund.predict import uncertainty
     from specabund.training.data import LabelScaler
@@ -160,6 +159,7 @@ def test_head_layers_before_dropout_run_once_per_batch_with_the_same_result(
     assert n_fixed == [isinstance(m, torch.nn.Dropout) for m in net.head].index(True) > 0
     calls = {"n": 0}
     net.head[n_fixed - 1].register_forward_hook(lambda *a: calls.update(n=calls["n"] + 1))
+    assert uncertainty.CPU_TRUNK_ROWS < 37
     settings = [(8, None, 6), (5, 16, 7), (37, None, 3), (4, 1000, 9)]
     fast = [predict_with_uncertainty(model, ds.X, ds.ivar, n_samples=k, batch_size=b, max_rows=r, seed=4)
             for b, r, k in settings]  # fmt: skip
@@ -167,6 +167,7 @@ def test_head_layers_before_dropout_run_once_per_batch_with_the_same_result(
     assert calls["n"] <= 2 * batches  # at most two repeat counts per batch
     calls["n"] = 0
     monkeypatch.setattr(uncertainty, "deterministic_head_layers", lambda net: 0)
+    monkeypatch.setattr(uncertainty, "CPU_TRUNK_ROWS", 10**6)
     for (b, r, k), got in zip(settings, fast, strict=True):
         want = predict_with_uncertainty(model, ds.X, ds.ivar, n_samples=k, batch_size=b, max_rows=r, seed=4)
         for name in ("mean", "err_model", "err_data"):
