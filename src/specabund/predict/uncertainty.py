@@ -14,7 +14,8 @@ Total
 All terms are in physical label units. MC passes are batched: each batch of spectra is repeated ``r``
 times along the batch dimension (``r * batch <= max_rows``), so one forward pass computes ``r`` samples.
 With dropout only in the head the samples share one pass through the trunk and through the head's layers
-before its dropout (:func:`deterministic_head_layers`); only the rest of the head runs per sample.
+before its dropout (:func:`deterministic_head_layers`); only the rest of the head runs per sample. On a
+CPU the trunk runs :data:`CPU_TRUNK_ROWS` spectra at a time (also for a single deterministic pass).
 The random dropout masks come from torch's global generator seeded with ``seed`` inside
 ``torch.random.fork_rng``: the caller's global RNG state is restored afterwards, and the same seed, data
 and batch size give identical results.
@@ -265,8 +266,11 @@ def _sample_member(
         if n_samples <= 1:
             net.eval()
         k_total = n_samples if n_active > 0 else 1
-        shared_trunk = k_total > 1 and head_only_dropout(net)
-        fixed = deterministic_head_layers(net) if shared_trunk else 0
+        # one pass (trunk then head) when no sample differs from another; else the samples share the trunk
+        # when all the dropout is in the head
+        split = hasattr(net, "trunk") and hasattr(net, "head_forward")
+        shared_trunk = split and (k_total == 1 or head_only_dropout(net))
+        fixed = deterministic_head_layers(net) if shared_trunk and k_total > 1 else 0
         trunk_rows = CPU_TRUNK_ROWS if dev.type == "cpu" else max(batch_size, 1)
         stack.enter_context(seeded_torch(seed, dev))
         for start in range(0, n, batch_size):
