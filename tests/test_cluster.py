@@ -80,6 +80,16 @@ def test_cluster_address_is_checked() -> None:
         check_cluster_address("10.0.0.1")
 
 
+def test_local_workers_get_the_allocator_environment(client: Any) -> None:
+    from specabund.distributed import WORKER_ENVIRON
+
+    def environ() -> dict[str, str | None]:
+        return {k: os.environ.get(k) for k in WORKER_ENVIRON}
+
+    want = {k: os.environ.get(k, v) for k, v in WORKER_ENVIRON.items()}
+    assert list(client.run(environ).values()) == [want, want]
+
+
 def test_preprocess_on_cluster_is_byte_identical(
     client: Any, sim: Path, single: Path, tmp_path: Path
 ) -> None:

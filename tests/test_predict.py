@@ -138,6 +138,44 @@ def test_mc_dropout_mode_only_dropout_trains(synth: dict) -> None:
     assert not any(m.training for m in net.modules())
 
 
+def test_shared_passes_equal_full_passes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Head-only dropout: the head's layers before the dropout run once per batch (and repeat count), not
+    once per MC sample, the trunk runs a few spectra at a time, and the prediction is bit for bit the one
+    of full head passes on one trunk pass per batch."""
+    from specabund.models import build_model
+    from specabund.predict import uncertainty
+    from specabund.training.data import LabelScaler
+    from specabund.training.saved import grid_info
+
+    mcfg = default_config("rescnn_small", dropout=0.0, head_dropout=0.2)
+    ds = make_synthetic(37, seed=3)
+    net = build_model(mcfg, ds.n_pixels, len(LABELS)).eval()
+    cfg = {"wavelength": grid_info(ds.wavelength), "preprocess_hash": "synth-v1", "labels": LABELS}
+    scaler = LabelScaler(mean=np.zeros(len(LABELS)), std=np.ones(len(LABELS)))
+    model = LoadedModel(
+        model=net, run_dir=tmp_path, config=cfg, labels=LABELS, scaler=scaler, model_config=mcfg
+    )
+    n_fixed = uncertainty.deterministic_head_layers(net)
+    assert n_fixed == [isinstance(m, torch.nn.Dropout) for m in net.head].index(True) > 0
+    calls = {"n": 0}
+    net.head[n_fixed - 1].register_forward_hook(lambda *a: calls.update(n=calls["n"] + 1))
+    assert uncertainty.CPU_TRUNK_ROWS < 37
+    settings = [(8, None, 6), (5, 16, 7), (37, None, 3), (4, 1000, 9), (37, None, 1)]
+    fast = [predict_with_uncertainty(model, ds.X, ds.ivar, n_samples=k, batch_size=b, max_rows=r, seed=4)
+            for b, r, k in settings]  # fmt: skip
+    batches = sum(-(-len(ds) // b) for b, _, _ in settings)
+    assert calls["n"] <= 2 * batches  # at most two repeat counts per batch
+    calls["n"] = 0
+    monkeypatch.setattr(uncertainty, "deterministic_head_layers", lambda net: 0)
+    monkeypatch.setattr(uncertainty, "CPU_TRUNK_ROWS", 10**6)
+    for (b, r, k), got in zip(settings, fast, strict=True):
+        want = predict_with_uncertainty(model, ds.X, ds.ivar, n_samples=k, batch_size=b, max_rows=r, seed=4)
+        for name in ("mean", "err_model", "err_data"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), (b, r, k, name)
+        assert np.all(got.err_model > 0) == (k > 1)
+    assert calls["n"] > 2 * batches  # full head passes: once per pass of the MC samples
+
+
 def test_requested_label_not_predicted_is_clear_error(synth: dict) -> None:
     te = synth["test"]
     with pytest.raises(ConfigError, match="valid choices: C_FE, MG_FE, FE_H"):
@@ -221,6 +259,35 @@ def test_calibration_brings_coverage_to_68(synth: dict) -> None:
     # another mode has no calibration of its own
     ens = LoadedEnsemble(members=[model], run_dir=synth["run"])
     assert not load_stored(ens, ensemble_mode=True).calibrated
+
+
+def test_ood_statistics_follow_their_definition() -> None:
+    """SpectralOOD.score (in place, for speed) gives exactly the statistics of the module docstring written
+    out on the network view, also with pixels without data and spectra without any."""
+    from specabund.predict.ood import RESIDUAL_FLOOR, SpectralOOD, network_view
+
+    ds = make_synthetic(60, seed=4)
+    rng = np.random.default_rng(1)
+    X, iv = ds.X.copy(), ds.ivar.copy()
+    X[rng.random(X.shape) < 0.02] = np.nan
+    iv[rng.random(X.shape) < 0.02] = 0.0
+    iv[rng.random(X.shape) < 0.01] = -1.0
+    iv[rng.random(X.shape) < 0.01] = np.inf
+    X[3], iv[4], X[5] = np.nan, 0.0, X[5] * 40
+    ood = SpectralOOD.fit(ds.X, ds.ivar, n_components=5)
+    f, good = network_view(X, iv)
+    A = f - ood.mean
+    scores = A @ ood.components.T
+    dist = np.sqrt(np.sum(scores**2 / ood.variances, axis=1))
+    var = np.where(good, 1.0 / np.where(good, iv.astype(np.float64), 1.0) + RESIDUAL_FLOOR**2, np.inf)
+    chi = np.where(good, (A - scores @ ood.components) ** 2 / var, 0.0)
+    n = good.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        resid = np.where(n > 0, chi.sum(axis=1) / np.maximum(n, 1), np.inf)
+    for chunk in (4096, 7):
+        d, r = ood.score(X, iv, chunk=chunk)
+        assert np.array_equal(d, dist) and np.array_equal(r, resid)
+    assert np.isinf(r[[3, 4]]).all() and np.isfinite(r[5]) and np.isfinite(np.delete(r, [3, 4])).all()
 
 
 def test_predict_applies_calibration_and_flags_ood(synth: dict, tmp_path: Path) -> None:

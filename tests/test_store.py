@@ -78,6 +78,19 @@ def test_both_backends_round_trip_the_same_dataset(fmt: str, tmp_path: Path) -> 
     assert other.exists() and not path.exists()
 
 
+@pytest.mark.parametrize("fmt", ["npz", "zarr"])
+def test_load_rows_equals_subset(fmt: str, tmp_path: Path) -> None:
+    ds = _toy(n=45)
+    path = tmp_path / f"x_dataset.{fmt}"
+    save_dataset(path, ds, chunk_rows=8)
+    for rows in (slice(0, 45), slice(5, 21), slice(40, 100), slice(44, None), slice(None, 3), slice(7, 7)):
+        part = load_dataset(path, rows=rows)
+        assert isinstance(part.X, LazyRows) == (fmt == "zarr")
+        _assert_same(ds.subset(np.arange(45)[rows]), part)
+    with pytest.raises(ValueError, match="step 1"):
+        load_dataset(path, rows=slice(0, 10, 2))
+
+
 def test_lazy_rows_index_like_numpy(tmp_path: Path) -> None:
     ds = _toy(n=45)
     save_dataset(tmp_path / "d.zarr", ds, chunk_rows=8)

@@ -40,6 +40,7 @@ import numpy as np
 
 from .errors import DataMismatchError, SpecabundError
 from .store import (
+    GLOBAL_ARRAYS,
     LazyRows,
     is_zarr,
     open_zarr_dataset,
@@ -199,11 +200,19 @@ def _columns_of(ds: Dataset) -> dict[str, Any]:
     return arrays
 
 
-def load_dataset(path: str | Path) -> Dataset:
+def load_dataset(path: str | Path, rows: slice | None = None) -> Dataset:
     """Read a dataset written by :func:`save_dataset` (``allow_pickle=False``) or a Zarr store.
 
     A ``.npz`` path that does not exist is read from its ``.zarr`` sibling when that exists (and the other
     way round). A Zarr store's ``X`` and ``ivar`` stay on disk (:class:`~specabund.store.LazyRows`).
+
+    Parameters
+    ----------
+    path : path
+        The ``.npz`` file or ``.zarr`` store.
+    rows : slice, optional
+        Only these spectra (step 1), as ``load_dataset(path).subset(rows)`` would give: a Zarr store reads
+        just their rows of every per-spectrum column (not all columns whole), an ``.npz`` is read whole.
 
     Raises
     ------
@@ -214,20 +223,26 @@ def load_dataset(path: str | Path) -> Dataset:
     if not path.exists():
         raise SpecabundError(f"{path}: dataset file not found")
     if is_zarr(path):
-        data = open_zarr_dataset(path)
+        data = open_zarr_dataset(path, rows)
     else:
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
         except Exception as exc:  # zip/format errors
             raise SpecabundError(f"{path}: not a readable dataset npz ({exc})") from exc
+        if rows is not None:
+            n_all = len(data["X"]) if "X" in data else 0
+            if rows.step not in (None, 1):
+                raise ValueError(f"rows must be a slice with step 1, got {rows}")
+            sel = slice(*rows.indices(n_all)[:2])
+            data = {k: v if k in GLOBAL_ARRAYS or np.ndim(v) == 0 else v[sel] for k, v in data.items()}
     required = ["X", "wavelength", "y", "elements", "filenames"]
     missing = [k for k in required if k not in data]
     if missing:
         raise SpecabundError(f"{path}: dataset lacks arrays {missing}")
     n = len(data["X"])
     nan = np.full(n, np.nan, dtype=np.float32)
-    y = data["y"].reshape(n, -1)
+    y = data["y"] if np.ndim(data["y"]) == 2 else data["y"].reshape(n, -1)
     y_err = data.get("y_err")
     empty = np.full(n, "", dtype="<U1")
     return Dataset(

@@ -351,22 +351,40 @@ def is_lazy(a: Any) -> bool:
     return isinstance(a, LazyRows)
 
 
-def open_zarr_dataset(path: str | Path) -> dict[str, Any]:
-    """The arrays of a Zarr dataset store: ``X``/``ivar`` as :class:`LazyRows`, the rest in memory."""
+#: Arrays of a dataset that are not one value per spectrum (everything else is).
+GLOBAL_ARRAYS = frozenset({"wavelength", "elements", "preprocess_hash"})
+
+
+def open_zarr_dataset(path: str | Path, rows: slice | None = None) -> dict[str, Any]:
+    """The arrays of a Zarr dataset store: ``X``/``ivar`` as :class:`LazyRows`, the rest in memory.
+
+    With ``rows`` (a slice of spectra, step 1) only those rows of the per-spectrum arrays are read (the
+    column chunks they touch), e.g. one part of a large store; ``X``/``ivar`` are views of those rows.
+    """
     import zarr
 
     path = Path(path)
     if not path.exists():
         raise SpecabundError(f"{path}: dataset store not found")
+    if rows is not None and rows.step not in (None, 1):
+        raise ValueError(f"rows must be a slice with step 1, got {rows}")
     try:
         g = zarr.open_group(str(path), mode="r")
         data: dict[str, Any] = {}
+        sel = None
+        if rows is not None:
+            sel = slice(*rows.indices(int(g["X"].shape[0]))[:2])
         for key in g.array_keys():
             a = g[key]
             if key in ("X", "ivar"):
-                data[key] = LazyRows(a)
+                data[key] = LazyRows(a) if sel is None else LazyRows(a, np.arange(sel.start, sel.stop))
                 continue
-            v = a[...] if a.ndim == 0 else a[:]
+            if a.ndim == 0:
+                v = a[...]
+            elif sel is None or key in GLOBAL_ARRAYS:
+                v = a[:]
+            else:
+                v = a[sel]
             v = np.asarray(v)
             if v.dtype.kind in "TO":  # variable-length UTF-8 reads as StringDType
                 v = _fixed_width(v)

@@ -151,10 +151,20 @@ class SpectralResCNN(nn.Module):
             )
         return self.pool(self.blocks(self.stem(x)))
 
-    def head_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_forward(self, h: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The head on trunk features: ``(mean, log_variance)``. With dropout only in the head (the default
-        since the accuracy ablation), MC-Dropout runs the trunk once and samples only this part."""
-        out = self.head(h).float()
+        since the accuracy ablation), MC-Dropout runs the trunk once and samples only this part.
+
+        With ``start > 0``, ``h`` is the output of the first ``start`` modules of ``self.head`` and only the
+        remaining ones run (MC-Dropout computes the layers before the dropout once per batch).
+        """
+        if start:
+            out = h
+            for layer in list(self.head)[start:]:
+                out = layer(out)
+        else:
+            out = self.head(h)
+        out = out.float()
         mean, logvar = out[:, : self.n_labels], out[:, self.n_labels :]
         return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)
 

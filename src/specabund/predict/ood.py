@@ -122,17 +122,30 @@ class SpectralOOD:
         dist = np.empty(n)
         resid = np.empty(n)
         for s in range(0, n, chunk):
-            f, good = network_view(X[s : s + chunk], ivar[s : s + chunk])
-            A = f - self.mean
+            x = np.asarray(X[s : s + chunk])
+            iv = np.asarray(ivar[s : s + chunk])
+            # network_view(x, iv) and the statistics of the docstring, element for element the same
+            # arithmetic, in place on two float64 buffers (this runs on every predicted spectrum)
+            good = usable_pixels(x, iv)
+            bad = ~good
+            A = x.astype(np.float64)
+            A[bad] = 1.0
+            np.clip(A, FLUX_MIN, FLUX_MAX, out=A)
+            A -= 1.0
+            A -= self.mean
             scores = A @ self.components.T
             dist[s : s + chunk] = np.sqrt(np.sum(scores**2 / self.variances, axis=1))
-            rec = scores @ self.components
-            iv = np.where(good, np.asarray(ivar[s : s + chunk], dtype=np.float64), 0.0)
-            var = np.where(good, 1.0 / np.where(good, iv, 1.0) + RESIDUAL_FLOOR**2, np.inf)
-            chi = np.where(good, (A - rec) ** 2 / var, 0.0)
+            A -= scores @ self.components  # the reconstruction residual
+            var = iv.astype(np.float64)
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                np.divide(1.0, var, out=var)
+                var += RESIDUAL_FLOOR**2
+                np.square(A, out=A)
+                A /= var  # chi**2 per pixel; pixels without data count 0
+            A[bad] = 0.0
             ngood = good.sum(axis=1)
             with np.errstate(invalid="ignore", divide="ignore"):
-                resid[s : s + chunk] = np.where(ngood > 0, chi.sum(axis=1) / np.maximum(ngood, 1), np.inf)
+                resid[s : s + chunk] = np.where(ngood > 0, A.sum(axis=1) / np.maximum(ngood, 1), np.inf)
         return dist, resid
 
     def flags(self, X: np.ndarray, ivar: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

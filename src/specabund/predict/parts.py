@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 PARTS_DIR = "parts"
 _MODELS: dict[tuple[str, str], Any] = {}
+_NPZ: dict[tuple[str, int, int], Any] = {}
 
 
 def part_seed(seed: int, k: int) -> int:
@@ -47,19 +48,33 @@ def _model(run_dir: str, device: str) -> Any:
     return _MODELS[key]
 
 
+def _rows(data_path: str, lo: int, hi: int) -> Any:
+    """Rows ``[lo, hi)`` of the dataset: from a Zarr store just those rows of every column; an ``.npz`` is
+    read whole once per process (it cannot be read in part) and kept for the next part."""
+    from ..dataset import load_dataset
+    from ..store import is_zarr
+
+    if is_zarr(data_path):
+        return load_dataset(data_path, rows=slice(lo, hi))
+    st = Path(data_path).stat()
+    key = (str(data_path), st.st_size, st.st_mtime_ns)
+    if key not in _NPZ:
+        _NPZ.clear()
+        _NPZ[key] = load_dataset(data_path)
+    return _NPZ[key].subset(np.arange(lo, hi))
+
+
 def predict_part(
     data_path: str, lo: int, hi: int, part_dir: str, part_key: str, run_dir: str, device: str, kw: dict
 ) -> dict[str, Any]:
     """Predict rows ``[lo, hi)`` of ``data_path`` into ``part_dir`` (one task); return its summary."""
-    from ..dataset import load_dataset
-    from .catalogue import run_prediction
-    from .inputs import PredictionInputs
-
     done = _finished(Path(part_dir), part_key)
     if done is not None:
         return done
-    ds = load_dataset(data_path)
-    part = ds.subset(np.arange(lo, hi))
+    from .catalogue import run_prediction
+    from .inputs import PredictionInputs
+
+    part = _rows(data_path, lo, hi)
     part.X, part.ivar = np.asarray(part.X, dtype=np.float32), np.asarray(part.ivar, dtype=np.float32)
     inputs = PredictionInputs.from_dataset(part)
     return run_prediction(
