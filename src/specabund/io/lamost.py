@@ -45,7 +45,9 @@ import numpy as np
 from astropy.io import fits
 
 from specabund.errors import FitsFormatError
-from specabund.io.rawfits import NeedAstropy, RawHDUList
+from specabund.io.rawfits import BITPIX_DTYPES as _BITPIX_DTYPES
+from specabund.io.rawfits import BLOCK as _BLOCK
+from specabund.io.rawfits import NeedAstropy, RawHDU, RawHDUList, data_nbytes, find_end
 from specabund.spectrum import Spectrum
 
 logger = logging.getLogger(__name__)
@@ -64,16 +66,12 @@ FITS_SUFFIXES: tuple[str, ...] = (".fits", ".fits.gz", ".fit", ".fit.gz", ".fits
 #: Layout names a :class:`~specabund.spectrum.Spectrum` read here can carry in ``meta["layout"]``.
 LAYOUTS: tuple[str, ...] = ("dr9_table", "image_5xN", "dr1_subcontinuum")
 
-_BLOCK = 2880
-_CARD = 80
-_END_CARD = b"END" + b" " * 77
 _MRS_MESSAGE = "medium-resolution (MRS) spectrum; specabund reads LAMOST low-resolution spectra only"
 _TABLE_COLUMNS = ("FLUX", "IVAR", "WAVELENGTH", "ANDMASK", "ORMASK")
 # Plausible wavelength range (Angstrom) of an optical spectrum, used to recognise a wavelength row.
 _WAVE_MIN, _WAVE_MAX = 1000.0, 30000.0
 # Header values at or below this are LAMOST's "missing" sentinels (-9999, -999).
 _SENTINEL = -999.0
-_BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 _TFORM_DTYPES = {"B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
 _TFORM_RE = re.compile(r"^\s*(\d*)\s*([A-Z])\s*$")
 _RELEASE_RE = re.compile(r"\bDR\s*(\d+)\b", re.IGNORECASE)
@@ -297,56 +295,25 @@ def _data_offset(raw: bytes, hdul: fits.HDUList, index: int) -> tuple[int, int] 
     """Byte offset and length of HDU ``index``'s data in ``raw``, found by scanning for END cards.
 
     Returns None when the scan disagrees with astropy's parse (a non-standard header), in which case the
-    caller uses astropy's data access instead.
+    caller uses astropy's data access instead. A :class:`RawHDU` knows its span from its own parse.
     """
+    hdu = hdul[index]
+    if isinstance(hdu, RawHDU):
+        return hdu.data_start, hdu.nbytes
     offset = 0
     for i in range(index + 1):
         header = hdul[i].header
-        end = _find_end(raw, offset)
+        end = find_end(raw, offset)
         if end is None:
             return None
         data_start = end + (-end % _BLOCK)
-        nbytes = _data_nbytes(header)
+        nbytes = data_nbytes(header)
         if nbytes is None:
             return None
         if i == index:
             return data_start, nbytes
         offset = data_start + nbytes + (-nbytes % _BLOCK)
     return None
-
-
-def _find_end(raw: bytes, start: int) -> int | None:
-    """Position just after the END card of the header starting at ``start`` (80-byte aligned)."""
-    pos = start
-    n = len(raw)
-    while pos + _CARD <= n:
-        if raw[pos : pos + 3] == b"END" and raw[pos : pos + _CARD] == _END_CARD:
-            return pos + _CARD
-        pos += _CARD
-    return None
-
-
-def _data_nbytes(header: fits.Header) -> int | None:
-    """Size of the data block described by a header (no random groups)."""
-    if header.get("GROUPS", False):
-        return None
-    bitpix = header.get("BITPIX")
-    naxis = header.get("NAXIS", 0)
-    if not isinstance(bitpix, int) or not isinstance(naxis, int) or bitpix not in _BITPIX_DTYPES:
-        return None
-    if naxis == 0:
-        return 0
-    size = 1
-    for k in range(1, naxis + 1):
-        value = header.get(f"NAXIS{k}")
-        if not isinstance(value, int) or value < 0:
-            return None
-        size *= value
-    pcount = header.get("PCOUNT", 0)
-    gcount = header.get("GCOUNT", 1)
-    if not isinstance(pcount, int) or not isinstance(gcount, int):
-        return None
-    return abs(bitpix) // 8 * gcount * (pcount + size)
 
 
 def _check_span(path: Path, raw: bytes, start: int, nbytes: int) -> None:

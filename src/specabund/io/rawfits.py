@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NeedAstropy", "RawHDU", "RawHDUList", "RawHeader"]
+__all__ = ["NeedAstropy", "RawHDU", "RawHDUList", "RawHeader", "data_nbytes", "find_end"]
 
-_BLOCK = 2880
-_CARD = 80
-_BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+BLOCK = 2880
+CARD = 80
+END_CARD = b"END" + b" " * 77
+BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 # a value card: keyword (columns 1-8), "= " (9-10), then the value and an optional comment
 _STRING_RE = re.compile(r" *'((?:[^']|'')*)' *(/.*)?$")
 _INT_RE = re.compile(r"[+-]?\d+$")
@@ -71,8 +72,8 @@ class RawHeader:
             raise NeedAstropy("non-ASCII header") from exc
         cards: dict[str, Any] = {}
         last_string = False
-        for pos in range(0, len(text), _CARD):
-            card = text[pos : pos + _CARD]
+        for pos in range(0, len(text), CARD):
+            card = text[pos : pos + CARD]
             key = card[:8].rstrip()
             if key == "CONTINUE" and last_string:
                 raise NeedAstropy("long-string CONTINUE card")
@@ -123,7 +124,7 @@ class RawHDU:
             raise NeedAstropy("section of a non-image HDU")
         if h.get("BSCALE", 1) != 1 or h.get("BZERO", 0) != 0 or "BLANK" in h:
             raise NeedAstropy("scaled image")
-        dtype = np.dtype(_BITPIX_DTYPES[h["BITPIX"]])
+        dtype = np.dtype(BITPIX_DTYPES[h["BITPIX"]])
         shape = self.shape
         count = int(np.prod(shape)) if shape else 0
         if self.data_start + count * dtype.itemsize > len(self._raw):
@@ -143,7 +144,7 @@ class RawHDUList:
     """
 
     def __init__(self, raw: bytes) -> None:
-        if len(raw) % _BLOCK:
+        if len(raw) % BLOCK:
             raise NeedAstropy("size is not a multiple of 2880 bytes")
         self._raw = raw
         self._hdus: list[RawHDU] = []
@@ -153,18 +154,22 @@ class RawHDUList:
         raw, start = self._raw, self._next
         if start >= len(raw):
             return False
-        end = _find_end(raw, start)
-        header = RawHeader(raw[start : end - _CARD])
+        end = find_end(raw, start)
+        if end is None:
+            raise NeedAstropy("header without END card")
+        header = RawHeader(raw[start : end - CARD])
         primary = not self._hdus
         first = raw[start : start + 8].decode("ascii", "replace").rstrip()
         if first != ("SIMPLE" if primary else "XTENSION"):
             raise NeedAstropy(f"HDU {len(self._hdus)} starts with {first!r}")
         if primary and header.get("SIMPLE") is not True:
             raise NeedAstropy("SIMPLE is not T")
-        data_start = end + (-end % _BLOCK)
-        nbytes = _data_nbytes(header)
+        data_start = end + (-end % BLOCK)
+        nbytes = data_nbytes(header)
+        if nbytes is None:
+            raise NeedAstropy("irregular BITPIX/NAXIS/GROUPS/PCOUNT/GCOUNT")
         self._hdus.append(RawHDU(raw, header, data_start, nbytes, primary))
-        self._next = data_start + nbytes + (-nbytes % _BLOCK)
+        self._next = data_start + nbytes + (-nbytes % BLOCK)
         if self._next > len(raw):
             raise NeedAstropy("data beyond the end of the file")
         return True
@@ -181,32 +186,36 @@ class RawHDUList:
         """Nothing to release (kept for the interface of ``fits.HDUList``)."""
 
 
-def _find_end(raw: bytes, start: int) -> int:
-    """Position just after the END card of the header at ``start``."""
+def find_end(raw: bytes, start: int) -> int | None:
+    """Position just after the END card of the header starting at ``start`` (80-byte aligned), or None."""
     pos = start
     n = len(raw)
-    while pos + _CARD <= n:
-        if raw[pos : pos + 3] == b"END" and raw[pos + 3 : pos + _CARD].strip(b" ") == b"":
-            return pos + _CARD
-        pos += _CARD
-    raise NeedAstropy("header without END card")
+    while pos + CARD <= n:
+        if raw[pos : pos + 3] == b"END" and raw[pos : pos + CARD] == END_CARD:
+            return pos + CARD
+        pos += CARD
+    return None
 
 
-def _data_nbytes(header: RawHeader) -> int:
-    """Size of the data described by a header (no random groups), else :class:`NeedAstropy`."""
+def data_nbytes(header: Any) -> int | None:
+    """Size of the data block described by a header (astropy's or a :class:`RawHeader`; no random groups),
+    or None when BITPIX/NAXIS/PCOUNT/GCOUNT are irregular."""
+    if header.get("GROUPS", False):
+        return None
     bitpix = header.get("BITPIX")
-    naxis = header.get("NAXIS")
-    if header.get("GROUPS", False) or bitpix not in _BITPIX_DTYPES or not isinstance(naxis, int):
-        raise NeedAstropy("irregular BITPIX/NAXIS/GROUPS")
+    naxis = header.get("NAXIS", 0)
+    if not isinstance(bitpix, int) or not isinstance(naxis, int) or bitpix not in BITPIX_DTYPES:
+        return None
     if naxis == 0:
         return 0
     size = 1
     for k in range(1, naxis + 1):
         value = header.get(f"NAXIS{k}")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise NeedAstropy(f"irregular NAXIS{k}")
+        if not isinstance(value, int) or value < 0:
+            return None
         size *= value
-    pcount, gcount = header.get("PCOUNT", 0), header.get("GCOUNT", 1)
+    pcount = header.get("PCOUNT", 0)
+    gcount = header.get("GCOUNT", 1)
     if not isinstance(pcount, int) or not isinstance(gcount, int):
-        raise NeedAstropy("irregular PCOUNT/GCOUNT")
+        return None
     return abs(bitpix) // 8 * gcount * (pcount + size)
