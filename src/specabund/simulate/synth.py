@@ -238,13 +238,47 @@ def _make_windows(wave: np.ndarray, centres: np.ndarray, lo: np.ndarray, hi: np.
     return _Windows(tuple(groups))
 
 
+def _only_element(windows: _Windows, rows_of: np.ndarray) -> _Windows:
+    """The rows of each group whose line is flagged in ``rows_of`` (a boolean per line)."""
+    groups = []
+    for sel, pix, dx, ok in windows.groups:
+        keep = rows_of[sel]
+        if keep.any():
+            groups.append((sel[keep], pix[keep], dx[keep], ok[keep]))
+    return _Windows(tuple(groups))
+
+
 class _GridCache:
     def __init__(self, size: int = 8) -> None:
         self.size = size
         self.store: dict[tuple[Any, ...], tuple[_Windows, _Windows, _Windows]] = {}
+        #: per grid: element index -> (metal, molecular) windows of the lines that involve the element
+        self.by_element: dict[tuple[Any, ...], dict[int, tuple[_Windows, _Windows]]] = {}
+
+    @staticmethod
+    def _key(wave: np.ndarray) -> tuple[Any, ...]:
+        return (wave.size, float(wave[0]), float(wave[-1]), hash(wave.tobytes()))
 
     def get(self, wave: np.ndarray) -> tuple[_Windows, _Windows, _Windows]:
-        key = (wave.size, float(wave[0]), float(wave[-1]), hash(wave.tobytes()))
+        return self._get(wave, self._key(wave))
+
+    def element(self, wave: np.ndarray, element: int) -> tuple[_Windows, _Windows]:
+        """Metal-line and molecular-band windows of the lines that involve element ``element`` (an index of
+        ``_model().elements``: its own lines, and the bands it is part of)."""
+        key = self._key(wave)
+        per = self.by_element.setdefault(key, {})
+        hit = per.get(element)
+        if hit is None:
+            m = _model()
+            metal_w, _, mol_w = self._get(wave, key)
+            hit = (
+                _only_element(metal_w, m.el_index == element),
+                _only_element(mol_w, (m.m_el == element) | (m.m_partner == element)),
+            )
+            per[element] = hit
+        return hit
+
+    def _get(self, wave: np.ndarray, key: tuple[Any, ...]) -> tuple[_Windows, _Windows, _Windows]:
         hit = self.store.get(key)
         if hit is not None:
             return hit
@@ -258,7 +292,9 @@ class _GridCache:
         hi = np.where(m.m_sign < 0, edge, tail)
         mol = _make_windows(wave, m.m_lam, lo, hi)
         if len(self.store) >= self.size:
-            self.store.pop(next(iter(self.store)))
+            oldest = next(iter(self.store))
+            del self.store[oldest]
+            self.by_element.pop(oldest, None)
         self.store[key] = (metal, hyd, mol)
         return metal, hyd, mol
 
@@ -380,46 +416,16 @@ def _balmer_ew(teff: float, logg: float) -> float:
     return _H_WMAX / (1.0 + x * x) * 10.0 ** ((0.04 + 0.12 * hot) * (logg - 4.44))
 
 
-def _only_element(windows: _Windows, rows_of: np.ndarray) -> _Windows:
-    """The rows of each group whose line is flagged in ``rows_of`` (a boolean per line)."""
-    groups = []
-    for sel, pix, dx, ok in windows.groups:
-        keep = rows_of[sel]
-        if keep.any():
-            groups.append((sel[keep], pix[keep], dx[keep], ok[keep]))
-    return _Windows(tuple(groups))
-
-
-_ELEMENT_WINDOWS: dict[tuple[Any, ...], tuple[_Windows, _Windows]] = {}
-
-
-def _element_windows(wave: np.ndarray, element: int) -> tuple[_Windows, _Windows]:
-    """Metal-line and molecular-band windows of the lines that involve element ``element`` (an index)."""
-    key = (wave.size, float(wave[0]), float(wave[-1]), hash(wave.tobytes()), element)
-    hit = _ELEMENT_WINDOWS.get(key)
-    if hit is None:
-        m = _model()
-        metal_w, _, mol_w = _GRIDS.get(wave)
-        hit = (
-            _only_element(metal_w, m.el_index == element),
-            _only_element(mol_w, (m.m_el == element) | (m.m_partner == element)),
-        )
-        if len(_ELEMENT_WINDOWS) >= 64:
-            _ELEMENT_WINDOWS.pop(next(iter(_ELEMENT_WINDOWS)))
-        _ELEMENT_WINDOWS[key] = hit
-    return hit
-
-
 def _absorption(
     labels: Mapping[str, Any], wave: np.ndarray, resolution: float, element: int | None = None
 ) -> np.ndarray:
     """Absorption ``-ln f``; with ``element`` (an index of ``_model().elements``) only that of the metal lines
     of the element and the molecular bands it is part of: the part of the absorption its [X/Fe] moves."""
     m = _model()
-    metal_w, hyd_w, mol_w = _GRIDS.get(wave)
-    if element is not None:
-        metal_w, mol_w = _element_windows(wave, element)
-        hyd_w = _Windows(())
+    if element is None:
+        metal_w, hyd_w, mol_w = _GRIDS.get(wave)
+    else:
+        (metal_w, mol_w), hyd_w = _GRIDS.element(wave, element), _Windows(())
     teff = _label(labels, "teff")
     logg = _label(labels, "logg")
     a = np.zeros(wave.size)
