@@ -22,31 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import build_configs, default_sections
+from train import _preprocess, _simulate
 
 LABELS = ("C_FE", "MG_FE", "CA_FE", "TEFF", "LOGG", "FE_H")
-
-
-def _pool(n: int, seed: int, threads: int, cache: Path) -> Path:
-    from specabund.preprocess import PipelineSettings, run_preprocess
-    from specabund.preprocess.pipeline import PIPELINE_VERSION
-    from specabund.simulate import simulate_dataset
-
-    sim = cache / f"sim_n{n}_seed{seed}"
-    if not (sim / "truth.csv").exists():
-        t0 = time.perf_counter()
-        simulate_dataset(n, sim, seed=seed, prediction_fraction=0.0, n_workers=threads)
-        print(f"simulated {n} spectra in {time.perf_counter() - t0:.0f} s")
-    pre = cache / f"pre_{sim.name}_v{PIPELINE_VERSION}"
-    if not (pre / "reference_dataset.npz").exists() and not (pre / "reference_dataset.zarr").exists():
-        t0 = time.perf_counter()
-        run_preprocess(
-            fits_dir=sim / "fits",
-            output_dir=pre,
-            reference_csv=sim / "X_FE.csv",
-            settings=PipelineSettings(n_workers=threads, elements=["C", "MG", "CA"], format="npz"),
-        )
-        print(f"preprocessed in {time.perf_counter() - t0:.0f} s")
-    return pre
 
 
 def _rmse(pred: np.ndarray, true: np.ndarray, sel: np.ndarray) -> float:
@@ -61,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool", type=int, default=None, help="simulated spectra [max size / 0.7, rounded up]")
     ap.add_argument("--n-val", type=int, default=1000)
     ap.add_argument("--n-test", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each training run")
     ap.add_argument("--seed", type=int, default=77)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/specabund_bench_lc"))
     args = ap.parse_args(argv)
@@ -75,8 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pool = args.pool or math.ceil(max(args.sizes) / 0.7 / 1000) * 1000
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    pre = _pool(pool, args.seed, args.threads, args.cache_dir)
-    ds = load_dataset(pre / "reference_dataset.npz")
+    # simulated and preprocessed once, cached (benchmarks/train.py's helpers: 2 workers)
+    ds = load_dataset(
+        _preprocess(_simulate(pool, args.seed, args.cache_dir), ["C", "MG", "CA"], args.cache_dir)
+    )
     tr, va, te = ds.split_subset("train"), ds.split_subset("val"), ds.split_subset("test")
     va = va.subset(np.arange(min(len(va), args.n_val)))
     te = te.subset(np.arange(min(len(te), args.n_test)))
