@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from helpers import simulated_workdir
 from specabund.cli import main
@@ -90,6 +92,17 @@ def test_init_from_and_stellar_labels_only(work: Path) -> None:
     assert child["init_from"]["labels"] == ["TEFF", "LOGG", "FE_H"]
     assert child["init_from"]["run_dir"].endswith("params") and child["train"]["freeze_epochs"] == 1
     assert child["labels"] == ["MG_FE", "TEFF", "LOGG", "FE_H"]
+    # an ensemble of fine-tuned members: each starts from the same parent, with its own seed
+    _invoke(work, "train", "--elements", "MG_FE", *FAST, "--run-name", "kids", "--init-from", "params",
+            "--ensemble", "2")  # fmt: skip
+    ens = json.loads((work / "models" / "kids" / "ensemble.json").read_text())
+    assert ens["members"] == ["member_0", "member_1"] and ens["seeds"][1] == ens["seeds"][0] + 1
+    parent_sha = child["init_from"]["weights_sha256"]
+    for m in ens["members"]:
+        member = json.loads((work / "models" / "kids" / m / "config.json").read_text())
+        assert member["init_from"]["weights_sha256"] == parent_sha
+    w = [load_file(work / "models" / "kids" / m / "model.safetensors") for m in ens["members"]]
+    assert any(not torch.equal(w[0][k], w[1][k]) for k in w[0])
 
 
 def test_simulate_permuted_flag(tmp_path: Path) -> None:

@@ -1568,12 +1568,15 @@ def train_ensemble(
     name: str | None = None,
     extra_config: Mapping[str, Any] | None = None,
     train_sharded: bool = False,
+    init_from: str | Path | None = None,
 ) -> list[TrainResult]:
     """Train ``n_members`` networks with seeds ``seed + k`` in ``run_dir/member_<k>``.
 
     Writes ``run_dir/ensemble.json`` (member folders) so that :func:`~specabund.training.load_model`
     returns a :class:`~specabund.training.saved.LoadedEnsemble`. Plots of member ``k`` go to
-    ``plot_dir/member_<k>``. Other parameters as in :func:`train`.
+    ``plot_dir/member_<k>``. With ``init_from`` every member is fine-tuned from that same (single-model)
+    run; the members then differ in their new head's initialisation, shuffling and augmentation. Other
+    parameters as in :func:`train`.
     """
     if n_members < 1:
         raise ConfigError(f"ensemble size must be >= 1, got {n_members}")
@@ -1600,6 +1603,7 @@ def train_ensemble(
                 name=name,
                 extra_config=extra_config,
                 train_sharded=train_sharded,
+                init_from=init_from,
             )
         )
         members.append(sub)

@@ -294,8 +294,6 @@ def run_training(
         run_dir = ws.models() / run_name(labels)
         if not plan.overwrite:
             check_fresh_run_dir(run_dir)
-    if plan.init_from is not None and ensemble > 1:
-        raise SpecabundError("--init-from fine-tunes a single model; drop --ensemble")
     run_dir = distributed.same_on_all_ranks(run_dir)  # torchrun: rank 0's (time-stamped) folder
     primary = distributed.is_primary()  # under torchrun rank 0 alone locks, writes and reports
     with FolderLock(run_dir, command) if primary else contextlib.nullcontext():
@@ -341,7 +339,9 @@ def run_training(
             callbacks=[record_run],
         )
         if ensemble > 1:
-            results = train_ensemble(tr, va, labels, model_cfg, train_cfg, run_dir, ensemble, **kw)
+            results = train_ensemble(
+                tr, va, labels, model_cfg, train_cfg, run_dir, ensemble, init_from=plan.init_from, **kw
+            )
         else:
             results = [train(tr, va, labels, model_cfg, train_cfg, run_dir, init_from=plan.init_from, **kw)]
         if primary and not (run_dir / RESOLVED_CONFIG).exists():
