@@ -5,9 +5,13 @@ preprocesses it once with the default pipeline (cached under --cache-dir), and t
 of the default configuration on the first N spectra of its training split for each N of --sizes, with the
 same validation set (at most --n-val spectra) and the same test set (at most --n-test spectra) for every N.
 Prints, per N: the training time and the test RMSE at SNR > 50 per label, and the [Mg/Fe] and [Ca/Fe]
-RMSE at SNR < 20 and SNR > 100.
+RMSE at SNR < 20 and SNR > 100. With --cannon, the default Cannon of ``specabund baseline`` (regional,
+censored) is fitted on the same N training spectra for each abundance and its test RMSE at SNR > 50
+printed beside the CNN's, with their ratio: does the network pull ahead of the Cannon with more data?
+--reuse takes a CNN already trained in the cache for that N and epochs instead of training it again.
 
     python benchmarks/learning_curve.py --sizes 2000 5000 20000 --epochs 20 20 10
+    python benchmarks/learning_curve.py --sizes 2000 5000 20000 --epochs 20 20 10 --reuse --cannon
     python benchmarks/learning_curve.py --sizes 300 600 --epochs 3 --pool 1200     # a smoke run
 """
 
@@ -18,6 +22,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +30,7 @@ from _common import build_configs, default_sections
 from train import _preprocess, _simulate
 
 LABELS = ("C_FE", "MG_FE", "CA_FE", "TEFF", "LOGG", "FE_H")
+ABUNDANCES = ("C_FE", "MG_FE", "CA_FE")
 
 
 def _rmse(pred: np.ndarray, true: np.ndarray, sel: np.ndarray) -> float:
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each training run")
     ap.add_argument("--seed", type=int, default=77)
     ap.add_argument("--cache-dir", type=Path, default=Path("/tmp/specabund_bench_lc"))
+    ap.add_argument("--cannon", action="store_true", help="also fit the regional Cannon on each N")
+    ap.add_argument("--reuse", action="store_true", help="reuse a CNN trained before for the same N, epochs")
     args = ap.parse_args(argv)
     epochs = args.epochs * len(args.sizes) if len(args.epochs) == 1 else args.epochs
     if len(epochs) != len(args.sizes):
@@ -72,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         t = dict(train_sec, device="cpu", num_threads=args.threads, epochs=ep)
         mcfg, tcfg = build_configs(model_sec, t)
         run = args.cache_dir / f"run_n{n}_e{ep}"
-        shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        train(tr.subset(np.arange(n)), va, list(LABELS), mcfg, tcfg, run, overwrite=True)
-        secs = time.perf_counter() - t0
+        if args.reuse and (run / "model.safetensors").exists():
+            secs = float("nan")  # trained before
+        else:
+            shutil.rmtree(run, ignore_errors=True)
+            train(tr.subset(np.arange(n)), va, list(LABELS), mcfg, tcfg, run, overwrite=True)
+            secs = time.perf_counter() - t0
         pred, _ = load_model(run, "cpu").predict(te.X, te.ivar, batch_size=256)
         hi = snr > 50
         row = {"n": n, "epochs": ep, "minutes": secs / 60}
@@ -85,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             j = LABELS.index(lab)
             row[f"{lab}<20"] = _rmse(pred[:, j], y_true[:, j], snr < 20)
             row[f"{lab}>100"] = _rmse(pred[:, j], y_true[:, j], snr > 100)
+        if args.cannon:
+            for lab in ABUNDANCES:
+                row[f"cannon {lab}"] = _cannon_rmse(tr.subset(np.arange(n)), te, lab, hi)
         rows.append(row)
         print(
             f"N={n:6d} {ep:3d} epochs {secs / 60:6.1f} min | SNR>50: "
@@ -99,7 +113,28 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         values = " ".join(f"{r[lab]:7.4g}" for lab in LABELS)
         print(f"{r['n']:6d} {r['epochs']:6d} {r['minutes']:6.1f} {values}")
+    if args.cannon:
+        print("\nregional Cannon on the same training spectra, test RMSE at SNR > 50 (CNN / Cannon)")
+        print(f"{'N':>6} " + " ".join(f"{lab:>18}" for lab in ABUNDANCES))
+        for r in rows:
+            cells = " ".join(
+                f"{r[f'cannon {lab}']:>10.4g} ({r[lab] / r[f'cannon {lab}']:5.2f})" for lab in ABUNDANCES
+            )
+            print(f"{r['n']:6d} {cells}")
     return 0
+
+
+def _cannon_rmse(tr: Any, te: Any, element: str, sel: np.ndarray) -> float:
+    """Test RMSE of ``specabund baseline``'s default Cannon for ``element`` fitted on ``tr``."""
+    from specabund.baselines import CannonSettings, cannon_label_names, label_column
+
+    names = cannon_label_names(tr, element)
+    lab = np.column_stack([label_column(tr, name) for name in names])
+    fit = np.all(np.isfinite(lab), axis=1)
+    model = CannonSettings().build(names, lab[fit], tr.wavelength)
+    model.fit(tr.X[fit], tr.ivar[fit], lab[fit])
+    pred = model.predict_label(te.X, te.ivar, element)
+    return _rmse(pred, label_column(te, element).astype(float), sel)
 
 
 if __name__ == "__main__":
