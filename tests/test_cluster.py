@@ -128,6 +128,24 @@ def test_zarr_on_cluster_equals_single_process(client: Any, sim: Path, single: P
         assert np.array_equal(a.y, b.y, equal_nan=True) and np.array_equal(a.spec, b.spec)
 
 
+def test_report_and_plots_on_cluster_are_byte_identical(client: Any, sim: Path, tmp_path: Path) -> None:
+    # with a client the workers write the datasets and the validation report while the client draws the
+    # preprocessing plots: every file must be what the single process writes, one after the other
+    a, b = tmp_path / "single", tmp_path / "cluster"
+    _pre(sim, a, plots_dir=a / "plots")
+    _pre(sim, b, plots_dir=b / "plots", client=client)
+    _same_files(a, b)
+    files = sorted(
+        p.relative_to(a) for d in ("validation", "plots") for p in (a / d).rglob("*") if p.is_file()
+    )
+    assert any(f.suffix == ".png" for f in files) and (a / "validation" / "validation_report.txt").exists()
+    assert files == sorted(
+        p.relative_to(b) for d in ("validation", "plots") for p in (b / d).rglob("*") if p.is_file()
+    )
+    for f in [*files, Path("manifest.json")]:
+        assert hash_file(a / f) == hash_file(b / f), f
+
+
 def test_simulate_on_cluster_writes_the_same_files(client: Any, sim: Path, tmp_path: Path) -> None:
     simulate_dataset(48, tmp_path, seed=11, layout="mixed", client=client, chunk_size=10)
     for name in ("X_FE.csv", "galah_X_FE.csv", "truth.csv"):

@@ -416,6 +416,25 @@ def run_preprocess(
         for plan in plans
         for ci, chunk in enumerate(_chunks(plan.tasks, st.chunk_size))
     }
+
+    def plots(data: dict[str, dict[str, np.ndarray]] | None) -> None:
+        if plots_dir is None:
+            return
+        try:
+            from .report import write_preprocessing_plots
+
+            write_preprocessing_plots(
+                output_dir,
+                Path(plots_dir),
+                opts,
+                _files_with_rv(plans),
+                st.n_plot_examples,
+                st.catalog_rules.max_abs_rv_kms,
+                data,
+            )
+        except Exception:  # plots must never lose a finished run
+            log.exception("preprocessing plots failed")
+
     try:
         if client is not None:
             _cluster_chunks(client, chunk_task, plans, opts, st, chunk_paths, len(grid))
@@ -448,25 +467,13 @@ def run_preprocess(
                     {"done": done, "total": total, "set": plan.name, "chunk": ci, "preprocess_hash": p_hash},
                 )
         bar.close()
-        manifest = _assemble(plans, chunk_files, all_files, grid, opts, st, p_hash, output_dir)
+        manifest = _assemble(plans, chunk_files, all_files, grid, opts, st, p_hash, output_dir, client, plots)
     finally:
         pool.close()
         if tmp_cache is not None:
             shutil.rmtree(tmp_cache, ignore_errors=True)
-    if plots_dir is not None:
-        try:
-            from .report import write_preprocessing_plots
-
-            write_preprocessing_plots(
-                output_dir,
-                Path(plots_dir),
-                opts,
-                _files_with_rv(plans),
-                st.n_plot_examples,
-                st.catalog_rules.max_abs_rv_kms,
-            )
-        except Exception:  # plots must never lose a finished run
-            log.exception("preprocessing plots failed")
+    if client is None:
+        plots(None)
     return manifest
 
 
@@ -546,8 +553,23 @@ def _assemble(
     st: PipelineSettings,
     p_hash: str,
     output_dir: Path,
+    client: Any = None,
+    plots: Callable[[dict[str, dict[str, np.ndarray]]], None] | None = None,
 ) -> dict[str, Any]:
+    """Write the datasets, ``rejected.csv``, ``manifest.json`` and the validation report; return the manifest.
+
+    With a Dask ``client`` the datasets and the validation report are written by the workers, one task
+    each, while this process draws the preprocessing plots (``plots(data)``, given the per-spectrum arrays
+    of each set that the plots would read from its dataset); the files are the same bytes as when all is
+    written here, one after the other.
+    """
     rejected: list[dict[str, str]] = []
+    #: arguments of each _write_dataset call, in order
+    writes: list[
+        tuple[Path, list[Path], np.ndarray, np.ndarray, dict[str, np.ndarray], list[str], np.ndarray, int]
+    ]
+    writes = []
+    report_data: dict[str, dict[str, np.ndarray]] = {}  # what the report would read back from each dataset
     counts: dict[str, Any] = {}
     masking: dict[str, Any] = {}
     label_columns: dict[str, Any] = {}
@@ -591,41 +613,37 @@ def _assemble(
         cols = _columns(plan, meta, rows, y, y_err, groups, p_hash)
         ext = suffix(choose_format(st.format, len(idx), len(grid)))
         formats[plan.name] = ext[1:]
+        files = chunk_files[plan.name]
         if plan.name == "reference":
-            _write_dataset(
-                output_dir / f"reference_dataset{ext}",
-                chunk_files[plan.name],
-                idx,
-                split,
-                cols,
-                names,
-                grid,
-                st.chunk_size,
+            writes.append(
+                (output_dir / f"reference_dataset{ext}", files, idx, split, cols, names, grid, st.chunk_size)
             )
             for name, code in (("train", 0), ("val", 1), ("test", 2)):
                 sel = split == code
-                _write_dataset(
-                    output_dir / f"{name}_dataset{ext}",
-                    chunk_files[plan.name],
-                    idx[sel],
-                    split[sel],
-                    cols,
-                    names,
-                    grid,
-                    st.chunk_size,
+                writes.append(
+                    (
+                        output_dir / f"{name}_dataset{ext}",
+                        files,
+                        idx[sel],
+                        split[sel],
+                        cols,
+                        names,
+                        grid,
+                        st.chunk_size,
+                    )
                 )
                 counts[f"n_{name}"] = int(sel.sum())
         else:
-            _write_dataset(
-                output_dir / f"prediction_dataset{ext}",
-                chunk_files[plan.name],
-                idx,
-                split,
-                cols,
-                names,
-                grid,
-                st.chunk_size,
+            writes.append(
+                (output_dir / f"prediction_dataset{ext}", files, idx, split, cols, names, grid, st.chunk_size)
             )
+        report_data[plan.name] = {
+            "y": cols["y"][idx],
+            "y_err": cols["y_err"][idx],
+            "elements": np.asarray(names, dtype=str),
+            "snr": cols["snr"][idx],
+            "extra_n_raw_pixels": cols["extra_n_raw_pixels"][idx],
+        }
         counts[plan.name] = {
             "catalogue_rows": len(table),
             "matched_files": n,
@@ -640,8 +658,6 @@ def _assemble(
             reason = "no label match" if why is None else f"unreadable: {why}"
             rejected.append({"set": "", "file": str(f), "spec": spec_key(f.name), "reason": reason})
     rej = pd.DataFrame(rejected, columns=["set", "file", "spec", "reason"])
-    with atomic_write(output_dir / "rejected.csv", "w", encoding="utf-8", newline="") as fh:
-        rej.to_csv(fh, index=False)
     by_reason = Counter(r.split(":")[0] for r in rej["reason"].tolist())
     manifest = {
         "package_version": __version__,
@@ -666,14 +682,69 @@ def _assemble(
             "catalog_rules": st.catalog_rules.to_dict(),
         },
     }
+    if client is None:
+        for w in writes:
+            _write_dataset(*w)
+        _write_rejected(output_dir, rej)
+        atomic_write_json(output_dir / "manifest.json", manifest)
+        _validation_report(output_dir, manifest, report_data)
+        return manifest
+    import uuid
+
+    token = uuid.uuid4().hex[:12]  # a rerun in the same session must not find the released tasks
+    _write_rejected(output_dir, rej)  # before the plots, which read it
+    futures = [
+        client.submit(_write_dataset, *w, key=f"preprocess-write-{w[0].name}-{token}", pure=False)
+        for w in writes
+    ]
+    futures.append(
+        client.submit(
+            _validation_report,
+            output_dir,
+            manifest,
+            report_data,
+            key=f"preprocess-report-{token}",
+            pure=False,
+        )
+    )
+    try:
+        if plots is not None:
+            plots(report_data)
+        from distributed import wait
+
+        wait(futures)
+        for w, f in zip(writes, futures, strict=False):
+            f.result()  # raises the task's exception
+            log.info("wrote %s (%d spectra) on the cluster", w[0], len(w[2]))
+        failed = futures[-1].result()
+        if failed:
+            log.error("validation report failed (on the cluster):\n%s", failed)
+    finally:
+        for f in futures:
+            f.release()
     atomic_write_json(output_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _write_rejected(output_dir: Path, rej: pd.DataFrame) -> None:
+    with atomic_write(output_dir / "rejected.csv", "w", encoding="utf-8", newline="") as fh:
+        rej.to_csv(fh, index=False)
+
+
+def _validation_report(
+    output_dir: Path, manifest: dict[str, Any], data: dict[str, dict[str, np.ndarray]]
+) -> str | None:
+    """Write the validation report; a failure is logged and returned as its traceback (None: written)."""
     try:
         from .report import write_validation_report
 
-        write_validation_report(output_dir, manifest)
+        write_validation_report(output_dir, manifest, data)
     except Exception:
         log.exception("validation report failed")
-    return manifest
+        import traceback
+
+        return traceback.format_exc()
+    return None
 
 
 def _label_names(cat: Catalog, st: PipelineSettings) -> list[str]:

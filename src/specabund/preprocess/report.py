@@ -93,16 +93,22 @@ def masking_table(masked: dict[str, dict[str, int]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["column", *reasons])
 
 
-def write_validation_report(output_dir: Path, manifest: dict[str, Any]) -> Path:
+def write_validation_report(
+    output_dir: Path, manifest: dict[str, Any], data: dict[str, dict[str, np.ndarray]] | None = None
+) -> Path:
     """Write ``<output_dir>/validation/`` (report text, JSON, plots): label ranges, outliers, NaN counts,
-    spectra-length consistency, SNR. Returns the report path."""
+    spectra-length consistency, SNR. Returns the report path.
+
+    ``data`` maps ``reference``/``prediction`` to the arrays the report uses (``y``, ``y_err``,
+    ``elements``, ``snr``, ``extra_n_raw_pixels``) of that dataset, when the caller has them (the datasets
+    need not exist yet); by default they are read from the datasets in ``output_dir``."""
     vdir = output_dir / "validation"
     pdir = vdir / "plots"
     pdir.mkdir(parents=True, exist_ok=True)
     lines = ["specabund data-validation report", f"preprocess hash: {manifest['preprocess_hash']}", ""]
     payload: dict[str, Any] = {"preprocess_hash": manifest["preprocess_hash"]}
     for name in _DATASETS:
-        d = _load_small(output_dir / f"{name}_dataset.npz")
+        d = _load_small(output_dir / f"{name}_dataset.npz") if data is None else data.get(name)
         if d is None:
             continue
         names = [str(e) for e in d["elements"].tolist()]
@@ -221,6 +227,7 @@ def write_preprocessing_plots(
     candidates: Iterable[tuple[Path, float | None]],
     n_examples: int,
     max_abs_rv_kms: float,
+    data: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> list[Path]:
     """Stage-by-stage plots of a few spectra and distributions of SNR, labels and rejection reasons.
 
@@ -239,6 +246,9 @@ def write_preprocessing_plots(
         Spectra to plot stage by stage.
     max_abs_rv_kms : float
         Plausibility limit of the velocities (:func:`~specabund.preprocess.steps.velocity_problem`).
+    data : dict, optional
+        Per set (``reference``/``prediction``), the arrays ``elements``, ``y`` and ``snr`` of its dataset,
+        when the caller has them (the datasets need not be written yet); by default read from the datasets.
 
     Returns
     -------
@@ -280,7 +290,7 @@ def write_preprocessing_plots(
         ax.set_title("rejections by reason")
         written.append(save_figure(fig, out / "rejection_reasons.png"))
     for name in _DATASETS:
-        d = _load_small(output_dir / f"{name}_dataset.npz")
+        d = _load_small(output_dir / f"{name}_dataset.npz") if data is None else data.get(name)
         if d is None:
             continue
         names = [str(e) for e in d["elements"].tolist()]

@@ -383,13 +383,14 @@ def _fit_iterative(
         # the normal equations are linear in the weights: build them once, then update only the pixels
         # whose clipping state changes (a handful per iteration)
         ab, rhs = _normal_full(basis, np.where(used, w0, 0.0), ys)
+        neg_lo_s = -lo_s
         seen: set[bytes] = set()
-        change = np.inf
+        prev = None  # the fit before the last one (the change between the two is computed once, at the end)
         stop = "max_iter"
         it = 0
         for it in range(1, niter + 1):  # noqa: B007 - the count is returned
             r = (f0 - cont) * sqw
-            new_used = base & (r > -lo_s) & (r < hi_s)
+            new_used = base & (r > neg_lo_s) & (r < hi_s)
             key = new_used.tobytes()
             if key in seen:  # this set was fitted before: a fixed point, or a cycle between sets
                 stop = "converged" if np.array_equal(new_used, used) else "cycle"
@@ -404,11 +405,12 @@ def _fit_iterative(
                 rhs += drhs
             used = new_used
             seen.add(key)
-            new = _evaluate(basis, _pspline_solve(basis, ab, rhs[0] - rhs[1], penalty))
+            prev, cont = cont, _evaluate(basis, _pspline_solve(basis, ab, rhs[0] - rhs[1], penalty))
+        change = np.inf
+        if prev is not None:  # relative change of the last iteration
             with np.errstate(divide="ignore", invalid="ignore"):
-                rel = np.abs(new - cont) / np.abs(new)
+                rel = np.abs(cont - prev) / np.abs(cont)
             change = float(np.max(rel, where=data, initial=0.0))
-            cont = new
         if not np.all(np.isfinite(cont)):
             raise ContinuumError("non-finite continuum")
         return cont, used, it, stop, change, ys[1]
